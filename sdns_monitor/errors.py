@@ -1,0 +1,30 @@
+"""Errors a user can meet. Each message says what was wrong and what to do.
+
+The CLI prints them on one line and exits non-zero, without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class SdnsError(Exception):
+    """Base class of every error the project raises on purpose."""
+
+
+class DataError(SdnsError):
+    """A dataset spec, a path or a file that cannot be read."""
+
+
+class FrameError(SdnsError):
+    """One input frame (image bytes or array) that cannot be turned into an image."""
+
+
+class BundleError(SdnsError):
+    """A model bundle that is missing, incomplete, tampered with or of another format."""
+
+
+class ConfigError(SdnsError):
+    """An invalid option or combination of options."""
+
+
+class MissingExtraError(SdnsError):
+    """An optional component (TensorRT, GPU FAISS, ...) was asked for but is not installed."""

@@ -1,0 +1,79 @@
+"""The reference bank: L2-normalised features searched by inner product.
+
+The index type is a FAISS factory string stored in the manifest ("Flat" = exact; "IVF...",
+"HNSW..." for large banks), built with the inner-product metric. k = None means all
+references (exact, by matrix products in chunks; no index needed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdns_monitor.errors import ConfigError
+from sdns_monitor.scoring import kernel_score
+
+
+class ReferenceIndex:
+    """Nearest-neighbour search over reference features (N x D, float32, unit norm)."""
+
+    def __init__(
+        self, features: np.ndarray, factory: str = "Flat", device: torch.device | None = None
+    ):
+        if features.ndim != 2 or features.dtype != np.float32:
+            raise ValueError("reference features must be a float32 N x D array")
+        self.features = np.ascontiguousarray(features)
+        self.factory = factory
+        self.device = device or torch.device("cpu")
+        self._bank = torch.from_numpy(self.features).to(self.device)
+        self._faiss: Any = None
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def _faiss_index(self) -> Any:
+        if self._faiss is None:
+            import faiss
+
+            faiss.omp_set_num_threads(torch.get_num_threads())
+            try:
+                index = faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
+            except RuntimeError as exc:
+                raise ConfigError(f"invalid FAISS index factory {self.factory!r}: {exc}") from None
+            if not index.is_trained:
+                index.train(self.features)
+            index.add(self.features)
+            self._faiss = index
+        return self._faiss
+
+    def search(self, queries: torch.Tensor, k: int | None) -> torch.Tensor:
+        """Similarities of each query to its k nearest references (M x k), or to all (M x N)
+        when k is None or at least N. Callers chunk the queries (see `anomaly_scores`)."""
+        if k is None or k >= len(self):
+            return queries.detach().float().to(self.device) @ self._bank.T
+        q = queries.detach().float().cpu().contiguous().numpy()
+        sims, _ = self._faiss_index().search(q, k)
+        # FAISS pads with -inf-like values when fewer than k are found (IVF); drop them.
+        sims_t = torch.from_numpy(sims)
+        return torch.where(sims_t < -1e30, torch.full_like(sims_t, -1e4), sims_t)
+
+
+def anomaly_scores(
+    index: ReferenceIndex,
+    features: torch.Tensor,
+    k: int | None,
+    temperature: float,
+    chunk: int = 1024,
+) -> np.ndarray:
+    """a(z) for each row of `features` (unit norm), searching in chunks to bound memory."""
+    out = [
+        kernel_score(index.search(features[i : i + chunk], k), len(index), temperature).cpu()
+        for i in range(0, features.shape[0], chunk)
+    ]
+    return torch.cat(out).numpy() if out else np.zeros(0)

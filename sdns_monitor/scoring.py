@@ -1,0 +1,50 @@
+"""The anomaly score and its p-value.
+
+Kernel density of a feature z among N reference features z_i (METHOD.md "Score"):
+
+    s(z) = (1/N) * sum_i exp((<z, z_i> - 1) / T)        higher = more in-distribution
+    a(z) = -log s(z)                                     higher = more out-of-distribution
+
+With top-k neighbours only the k largest similarities enter the sum (still divided by N, so
+top-k and exact scores share one scale). The conformal p-value of a score is the fraction of
+calibration scores at least as large, (1 + #{c >= a}) / (n + 1): flagging p < alpha gives a
+false alarm rate of at most alpha on exchangeable in-distribution frames.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def kernel_score(similarities: torch.Tensor, n_reference: int, temperature: float) -> torch.Tensor:
+    """a(z) from the similarities of each query to (its top-k or all) reference features.
+
+    similarities: M x k cosine similarities; returns M anomaly scores (float64 for stable ranks).
+    """
+    s = similarities.double()
+    return math.log(n_reference) - torch.logsumexp((s - 1.0) / temperature, dim=1)
+
+
+def p_values(scores: np.ndarray, calibration: np.ndarray) -> np.ndarray:
+    """Conformal p-values of `scores` against sorted `calibration` scores."""
+    n = calibration.shape[0]
+    at_least = n - np.searchsorted(calibration, scores, side="left")
+    return (1.0 + at_least) / (n + 1.0)
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Per-image results of `Detector.score`. Higher score = more out-of-distribution."""
+
+    scores: np.ndarray  # float64 (N,)
+    p_values: np.ndarray  # float64 (N,), in (0, 1]
+    flags: np.ndarray  # bool (N,)
+    alarm_rate: float | None  # the rule that set the flags: p < alarm_rate ...
+    threshold: float | None  # ... or score > threshold
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])

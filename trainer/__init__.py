@@ -1,0 +1,1 @@
+"""SDNS training: builds the encoder and writes a model bundle."""

@@ -1,0 +1,177 @@
+"""Training configuration and the named recipes.
+
+A recipe is a set of overrides on `TrainConfig`'s defaults; flags given on the command line
+override the recipe. Every schedule is defined over the run's total number of steps, so scaled
+recipes keep them proportional to the number of epochs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sdns_monitor.errors import ConfigError
+
+Negatives = Literal["rot", "rot360", "perm4", "perm16", "pixperm", "none", "off"]
+NegativeSource = Literal["both", "id", "aux"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+class TrainConfig(BaseModel):
+    """Every hyperparameter of one `fit` run. Stored in the bundle manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipe: str = "default"
+    seed: int = 0
+
+    # Backbone and input.
+    backbone: str = "cnn-small"
+    width: int = Field(32, ge=4)
+    patch_size: int = Field(4, ge=1)
+    drop_path: float = Field(0.1, ge=0.0, lt=1.0)
+    # Images are stored and scored at data_size, and crops are resized to global_size /
+    # local_size for the encoder. None: data_size from the data (capped at 32), global_size =
+    # data_size, local_size = global_size // 2. See `with_sizes`.
+    data_size: int | None = Field(None, ge=8)
+    global_size: int | None = Field(None, ge=8)
+    local_size: int | None = Field(None, ge=4)
+    n_local: int = Field(4, ge=0)
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.15, 0.4)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+    # Head and loss.
+    out_dim: int = Field(4096, ge=2)
+    head_hidden: int = Field(2048, ge=8)
+    head_bottleneck: int = Field(256, ge=8)
+    negatives: Negatives = "rot"
+    neg_source: NegativeSource = "both"
+    neg_weight: float = Field(1.0, ge=0.0)
+    student_temp: float = Field(0.1, gt=0)
+    teacher_temp: float = Field(0.04, gt=0)
+    teacher_temp_end: float = Field(0.01, gt=0)
+    center_momentum: float = Field(0.9, ge=0, lt=1)
+
+    # Optimisation.
+    epochs: int = Field(10, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1)  # None: one pass over the training images
+    batch_size: int = Field(128, ge=2)  # global, in-distribution images per step
+    lr: float = Field(0.004, gt=0)  # per 256 images of global batch
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_fraction: float = Field(0.06, ge=0, lt=1)  # of all steps (paper: 30 of 500 epochs)
+    weight_decay: float = Field(0.04, ge=0)
+    weight_decay_end: float = Field(0.4, ge=0)
+    momentum_teacher: float = Field(0.996, ge=0, le=1)
+    clip_grad: float = Field(3.0, ge=0)  # per parameter; 0 disables
+    freeze_last_layer: int = Field(1, ge=0)  # epochs
+    precision: Precision = "auto"
+    channels_last: bool = True
+
+    # Data splits, reference bank and score.
+    aux: list[str] = Field(default_factory=lambda: ["photos", "textures"])
+    calibration_fraction: float = Field(0.1, gt=0, lt=1)
+    max_calibration: int = Field(5000, ge=10)
+    validation_fraction: float = Field(0.05, ge=0, lt=1)
+    bank_size: int | None = Field(None, ge=1)  # None: every training image
+    score_temperature: float = Field(0.04, gt=0)
+    score_k: int | None = Field(None, ge=1)  # None: choose on validation data; see trainer.fit
+    index_factory: str = "Flat"
+    alarm_rate: float = Field(0.01, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.negatives == "none" and self.neg_source != "aux":
+            raise ValueError(
+                "negatives 'none' (raw auxiliary images) needs neg_source 'aux'; "
+                "in-distribution images are never negatives without a shift"
+            )
+        if self.negatives != "off" and self.neg_source != "id" and not self.aux:
+            raise ValueError(
+                f"neg_source {self.neg_source!r} needs auxiliary data: pass --aux SPEC "
+                "or use in-distribution negatives only"
+            )
+        if self.data_size and self.global_size and self.global_size < self.data_size:
+            raise ValueError("global_size must be at least data_size")
+        return self
+
+    def with_sizes(self, native_size: int) -> TrainConfig:
+        """Fill the sizes left open from the data's native (largest) side."""
+        data = self.data_size or min(native_size, 32)
+        glob = self.global_size or data
+        local = self.local_size or max(glob // 2, 4)
+        return self.model_copy(update=dict(data_size=data, global_size=glob, local_size=local))
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        """(data, global, local) sizes; only valid after `with_sizes`."""
+        if not (self.data_size and self.global_size and self.local_size):
+            raise RuntimeError("sizes not resolved: call with_sizes first")
+        return self.data_size, self.global_size, self.local_size
+
+    @property
+    def uses_aux(self) -> bool:
+        return self.negatives != "off" and self.neg_source in ("both", "aux")
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # At most 3 minutes on 2 CPU cores for 60k 28 px images, end to end: demos and tests.
+    "quick": dict(
+        width=16,
+        out_dim=1024,
+        head_hidden=512,
+        n_local=2,
+        epochs=1,
+        steps_per_epoch=120,
+        batch_size=64,
+        momentum_teacher=0.98,
+        bank_size=20000,
+        score_k=200,
+    ),
+    # The best quality within 30 minutes on 2 CPU cores for 60k images of 28-32 px.
+    "default": dict(
+        width=32,
+        out_dim=2048,
+        head_hidden=1024,
+        n_local=4,
+        epochs=6,
+        steps_per_epoch=200,
+        batch_size=128,
+        momentum_teacher=0.99,
+    ),
+    # The paper's CIFAR-10 recipe (METHOD.md "Optimisation").
+    "paper-cifar10": dict(
+        backbone="vit-small",
+        patch_size=16,
+        drop_path=0.1,
+        data_size=32,
+        global_size=256,
+        local_size=128,
+        n_local=8,
+        out_dim=4096,
+        head_hidden=2048,
+        epochs=500,
+        steps_per_epoch=None,
+        batch_size=128,
+        lr=0.004,
+        warmup_fraction=30 / 500,
+        momentum_teacher=0.996,
+        bank_size=None,
+        score_k=None,
+    ),
+}
+
+
+def make_config(recipe: str = "default", **overrides: Any) -> TrainConfig:
+    """Recipe values, then explicit overrides (None means "not given"). Raises ConfigError."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    values: dict[str, Any] = {"recipe": recipe, **RECIPES[recipe]}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "config"
+        raise ConfigError(f"invalid training option {where}: {first['msg']}") from None
