@@ -159,6 +159,11 @@ def write_bundle(
         files = {name: sha256_file(tmp / name) for name in REQUIRED_FILES}
         final = manifest.model_copy(update={"files": files})
         (tmp / MANIFEST).write_text(final.model_dump_json(indent=2) + "\n")
+        # mkdtemp makes the directory owner-only; a bundle is read by services running as
+        # other users, so give it the permissions a plain mkdir would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -239,6 +244,6 @@ def load_bundle(path: str | Path) -> Bundle:
             f"{path}: {FEATURES} has shape {features.shape} / {features.dtype}, "
             f"expected N x {manifest.feature_dim} float32"
         )
-    if calibration.ndim != 1:
-        raise BundleError(f"{path}: {CALIBRATION} must be one-dimensional")
+    if calibration.ndim != 1 or not np.issubdtype(calibration.dtype, np.floating):
+        raise BundleError(f"{path}: {CALIBRATION} must be a one-dimensional float array")
     return Bundle(path, manifest, digest, state, features, np.sort(calibration.astype(np.float64)))

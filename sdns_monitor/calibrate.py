@@ -6,6 +6,7 @@ encoder. The result is a new bundle; the old one is left untouched.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sdns_monitor.bundle import calibration_summary, load_bundle, write_bundle
@@ -39,6 +40,7 @@ def recalibrate(
             "name": Path(out).name.removesuffix(".sdns"),
             "calibration": calibration_summary(scores, rate, data),
             "files": {},
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
     )
     return write_bundle(Path(out), manifest, bundle.state_dict, bundle.features, scores)

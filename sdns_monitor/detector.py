@@ -133,7 +133,7 @@ def _to_frames(item: ImageInput) -> np.ndarray:
                 f"tensors must be float N x C x H x W in [0, 1], got {item.dtype} {tuple(item.shape)}; "
                 "pass uint8 images as numpy arrays"
             )
-        return from_array(item.detach().cpu().permute(0, 2, 3, 1).numpy())
+        return from_array(item.detach().float().cpu().permute(0, 2, 3, 1).numpy())
     if isinstance(item, Image.Image):
         return from_pil(item)
     if isinstance(item, bytes | bytearray | memoryview):

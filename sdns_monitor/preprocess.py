@@ -71,6 +71,8 @@ def normalise(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """uint8 N x H x W x C (numpy or tensor) -> float32 N x C x H x W, normalised per channel."""
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()  # decoded frames may be read-only views; torch wants to own them
     t = torch.as_tensor(images).to(device)
     t = t.permute(0, 3, 1, 2).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32, device=t.device).view(1, -1, 1, 1)

@@ -28,7 +28,7 @@ class TrainConfig(BaseModel):
 
     # Backbone and input.
     backbone: str = "cnn-small"
-    width: int = Field(32, ge=4)
+    width: int = Field(16, ge=4)
     patch_size: int = Field(4, ge=1)
     drop_path: float = Field(0.1, ge=0.0, lt=1.0)
     # Images are stored and scored at data_size, and crops are resized to global_size /

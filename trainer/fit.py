@@ -205,6 +205,8 @@ def fit(
     t0 = time.perf_counter()
     result = trainer.fit()
     train_seconds = time.perf_counter() - t0
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # the rest runs on rank 0 alone
     if not info.is_main:
         return None
 

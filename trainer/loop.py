@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sdns_monitor.backbones import Backbone, BackboneConfig
+from sdns_monitor.errors import ConfigError
 from trainer import schedules
 from trainer.augment import CropConfig, MultiCrop
 from trainer.config import TrainConfig
@@ -238,7 +239,7 @@ class Trainer:
             return False
         state = torch.load(path, map_location=self.device, weights_only=True)
         if state["config"] != self.cfg.model_dump_json():
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint {path} was written with other options; "
                 "rerun with the same options or without --resume"
             )
@@ -304,9 +305,9 @@ class Trainer:
     ) -> tuple[float, float, float]:
         sched = self.sched
         for i, group in enumerate(self.optimizer.param_groups):
-            group["lr"] = sched.lr[step]
+            group["lr"] = float(sched.lr[step])
             if i == 0:
-                group["weight_decay"] = sched.wd[step]
+                group["weight_decay"] = float(sched.wd[step])
         crops, n_pos, n_neg = self._views(x, a, gen)
         n_sources = 0 if n_neg == 0 else n_neg // (1 + self.cfg.n_local)
         with _autocast(self.device, self.bf16):

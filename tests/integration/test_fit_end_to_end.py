@@ -1,0 +1,152 @@
+"""End to end on real data: fit the quick recipe on Fashion-MNIST, evaluate against MNIST."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdns_monitor.bundle import load_bundle
+from sdns_monitor.data import load_dataset
+
+CLI = [sys.executable, "-m", "sdns_monitor.cli"]
+# A quick model is far from converged; random scores give 0.5. The quick recipe measured
+# 0.70-0.80 on MNIST validation data; the bar leaves room for seeds and machines.
+MNIST_AUROC_BAR = 0.6
+
+
+def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def fmnist_subset(tmp_path_factory: pytest.TempPathFactory) -> str:
+    data = load_dataset("fashion-mnist:train")
+    pick = np.random.default_rng(0).choice(len(data), 12000, replace=False)
+    path = tmp_path_factory.mktemp("data") / "fmnist-12k.npz"
+    np.savez(path, images=data.images[pick], labels=data.labels[pick])
+    return f"npz:{path}"
+
+
+@pytest.fixture(scope="module")
+def quick_bundle(fmnist_subset: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "fmnist.sdns"
+    proc = run("fit", "--data", fmnist_subset, "--out", str(out), "--recipe", "quick", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out}" in proc.stdout
+    return out
+
+
+@pytest.mark.integration
+def test_quick_fit_detects_mnist(quick_bundle: Path) -> None:
+    proc = run(
+        "eval",
+        "--model",
+        str(quick_bundle),
+        "--id",
+        "fashion-mnist:test",
+        "--ood",
+        "mnist:test",
+        "--limit",
+        "3000",
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["id"] == "fashion-mnist:test"
+    (row,) = result["results"]
+    assert row["ood"] == "mnist:test"
+    assert row["auroc"] > MNIST_AUROC_BAR, row
+
+
+@pytest.mark.integration
+def test_quick_bundle_records_its_training(quick_bundle: Path, fmnist_subset: str) -> None:
+    bundle = load_bundle(quick_bundle)
+    m = bundle.manifest
+    assert m.training.data == fmnist_subset
+    assert m.training.config["recipe"] == "quick"
+    assert m.training.aux == ["photos", "textures"]
+    n_cal = m.calibration.n
+    # Calibration images are held out of the reference bank and of training.
+    assert n_cal == round(0.1 * 12000)
+    assert m.training.n_train + m.training.n_validation + n_cal == 12000
+    assert m.score.n_reference == bundle.features.shape[0] <= m.training.n_train
+    curves = m.training.curves
+    assert (
+        len(curves["step_loss"])
+        == m.training.config["steps_per_epoch"] * m.training.config["epochs"]
+    )
+    assert all(np.isfinite(curves["step_loss"]))
+    # Features are unit-norm teacher features.
+    np.testing.assert_allclose(np.linalg.norm(bundle.features, axis=1), 1.0, atol=1e-4)
+
+
+@pytest.mark.integration
+def test_score_flags_at_the_chosen_alarm_rate(quick_bundle: Path, tmp_path: Path) -> None:
+    """Held-out in-distribution images are flagged at about the alarm rate (conformal
+    guarantee); out-of-distribution ones far more often."""
+    rng = np.random.default_rng(1)
+    fm = load_dataset("fashion-mnist:test").images
+    mn = load_dataset("mnist:test").images
+    id_path, ood_path = tmp_path / "id.npz", tmp_path / "ood.npz"
+    np.savez(id_path, images=fm[rng.choice(len(fm), 2000, replace=False)])
+    np.savez(ood_path, images=mn[rng.choice(len(mn), 500, replace=False)])
+    rates = {}
+    for name, path in (("id", id_path), ("ood", ood_path)):
+        proc = run("score", f"npz:{path}", "--model", str(quick_bundle), "--alarm-rate", "0.1")
+        assert proc.returncode == 0, proc.stderr
+        lines = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert [r["index"] for r in lines] == list(range(len(lines)))
+        assert set(lines[0]) == {"index", "source", "score", "p_value", "flagged"}
+        assert all(r["flagged"] == (r["p_value"] < 0.1) for r in lines)
+        rates[name] = np.mean([r["flagged"] for r in lines])
+    # Binomial(2000, 0.1) has sd 0.0067; the test split is a slightly different sample than
+    # the calibration split of the training file, so allow a wide band.
+    assert 0.05 < rates["id"] < 0.16, rates
+    assert rates["ood"] > 2 * rates["id"], rates
+
+
+@pytest.mark.integration
+def test_two_process_training_with_torchrun(fmnist_subset: str, tmp_path: Path) -> None:
+    """DistributedDataParallel on 2 CPU processes (gloo) writes one bundle from rank 0."""
+    out = tmp_path / "ddp.sdns"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "sdns_monitor.cli",
+            "fit",
+            "--data",
+            fmnist_subset,
+            "--out",
+            str(out),
+            "--recipe",
+            "quick",
+            "--steps-per-epoch",
+            "6",
+            "--batch-size",
+            "32",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bundle = load_bundle(out)
+    assert bundle.manifest.training.metrics["processes"] == 2
+    assert len(bundle.manifest.training.curves["step_loss"]) == 6
