@@ -78,6 +78,15 @@ def _progress_printer(quiet: bool):  # type: ignore[no-untyped-def]
     return bar, update
 
 
+def _parse_k(value: str | None) -> int | str | None:
+    if value is None or value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"--k must be a positive number or 'all', got {value!r}") from None
+
+
 @app.command()
 def fit(
     data: Annotated[
@@ -113,8 +122,10 @@ def fit(
     ] = None,
     patch_size: Annotated[int | None, typer.Option(help="ViT patch size")] = None,
     k: Annotated[
-        int | None,
-        typer.Option(help="Top-k neighbours of the score (default: chosen on validation data)"),
+        str | None,
+        typer.Option(
+            help="Top-k neighbours of the score, or 'all' (default: chosen on validation data)"
+        ),
     ] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     alarm_rate: Annotated[
@@ -141,7 +152,7 @@ def fit(
         lr=lr,
         data_size=image_size,
         patch_size=patch_size,
-        score_k=k,
+        score_k=_parse_k(k),
         seed=seed,
         alarm_rate=alarm_rate,
         aux=aux,

@@ -221,7 +221,7 @@ def fit(
     bank = extract_features(teacher, bank_images, spec, dev).numpy()
     index = ReferenceIndex(bank, cfg.index_factory, dev)
 
-    k: int | None = cfg.score_k
+    k: int | None = None if cfg.score_k in (None, "all") else int(cfg.score_k)
     k_record: dict[str, Any] = {"chosen": k, "method": "set by the recipe or --k"}
     val_auroc = None
     if len(splits.validation) >= 20:

@@ -247,8 +247,29 @@ def test_calibrate_refuses_too_few_images(tiny_bundle: Path, tmp_path: Path) -> 
             "--alarm-rate must lie in (0, 1)",
         ),
         (["score", "npz:{missing}", "--model", "{bundle}"], 1, "error: npz:"),
+        (["fit", "--data", "animals", "--out", "{missing}", "--k", "ten"], 2, "--k must be"),
+        (
+            ["fit", "--data", "animals", "--out", "{missing}", "--recipe", "fast"],
+            2,
+            "unknown recipe",
+        ),
+        (
+            ["fit", "--data", "animals", "--out", "{missing}", "--negatives", "none"],
+            2,
+            "needs neg_source 'aux'",
+        ),
+        (["fit", "--data", "animals", "--out", "{bundle}"], 1, "already exists"),
     ],
-    ids=["missing-bundle", "both-rules", "bad-rate", "missing-data"],
+    ids=[
+        "missing-bundle",
+        "both-rules",
+        "bad-rate",
+        "missing-data",
+        "fit-bad-k",
+        "fit-unknown-recipe",
+        "fit-raw-negatives-from-id",
+        "fit-existing-out",
+    ],
 )
 def test_main_prints_one_line_errors_with_exit_codes(
     tiny_bundle: Path,

@@ -1,0 +1,73 @@
+"""fit's helpers: the reference split, k selection and the synthetic validation set."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sdns_monitor.data import ImageSet
+from sdns_monitor.errors import DataError
+from sdns_monitor.index import ReferenceIndex
+from trainer.config import make_config
+from trainer.fit import K_CANDIDATES, choose_k, shifted_validation, split_reference
+
+
+def _set(n: int) -> ImageSet:
+    images = np.zeros((n, 8, 8, 1), np.uint8)
+    images[:, 0, 0, 0] = np.arange(n) % 256
+    images[:, 0, 1, 0] = np.arange(n) // 256
+    return ImageSet(images, np.arange(n) % 10, None, "test")
+
+
+def _ids(s: ImageSet) -> set[int]:
+    return set((s.images[:, 0, 0, 0].astype(int) + 256 * s.images[:, 0, 1, 0].astype(int)).tolist())
+
+
+def test_split_is_disjoint_seeded_and_sized() -> None:
+    cfg = make_config("quick", batch_size=8)
+    splits = split_reference(_set(1000), cfg)
+    train, val, cal = _ids(splits.train), _ids(splits.validation), _ids(splits.calibration)
+    assert len(cal) == 100  # calibration_fraction 0.1
+    assert len(val) == round(0.05 * 900)
+    assert train | val | cal == set(range(1000))
+    assert not (train & val) and not (train & cal) and not (val & cal)
+    again = split_reference(_set(1000), cfg)
+    assert _ids(again.calibration) == cal
+    other = split_reference(_set(1000), make_config("quick", batch_size=8, seed=1))
+    assert _ids(other.calibration) != cal
+
+
+def test_split_caps_calibration_and_refuses_tiny_data() -> None:
+    cfg = make_config("quick", batch_size=8, max_calibration=50)
+    assert len(split_reference(_set(1000), cfg).calibration) == 50
+    with pytest.raises(DataError, match="fewer than one training batch"):
+        split_reference(_set(10), make_config("quick", batch_size=64))
+
+
+def test_choose_k_takes_the_smallest_k_close_to_exact() -> None:
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(3000, 16)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    index = ReferenceIndex(bank)
+    id_feats = torch.from_numpy(bank[:200] + 0.05 * rng.normal(size=(200, 16)).astype(np.float32))
+    ood = torch.from_numpy(rng.normal(size=(200, 16)).astype(np.float32))
+    id_feats = torch.nn.functional.normalize(id_feats, dim=1)
+    ood = torch.nn.functional.normalize(ood, dim=1)
+    k, record = choose_k(index, id_feats, ood, 0.04)
+    assert set(record["auroc_by_k"]) == {str(c) for c in K_CANDIDATES}
+    close = [c for c in K_CANDIDATES if record["auroc_by_k"][str(c)] >= record["auroc_all"] - 0.002]
+    assert k == (close[0] if close else None)
+    assert record["chosen"] == k
+
+
+def test_shifted_validation_keeps_pixels_and_triples_the_set() -> None:
+    images = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 1), dtype=np.uint8)
+    shifted = shifted_validation(images, 0)
+    assert shifted.shape == (30, 8, 8, 1) and shifted.dtype == np.uint8
+    # Every shift (rotation, tile and pixel permutations) only moves pixels around.
+    for i in range(3):
+        part = shifted[i * 10 : (i + 1) * 10].reshape(10, -1)
+        np.testing.assert_array_equal(
+            np.sort(part, axis=1), np.sort(images.reshape(10, -1), axis=1)
+        )
