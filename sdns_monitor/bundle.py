@@ -15,6 +15,7 @@ manifest, which covers the other files through their hashes.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -22,13 +23,14 @@ import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from sdns_monitor import __version__
 from sdns_monitor.backbones import BackboneConfig
@@ -47,19 +49,19 @@ class InputSpec(BaseModel):
     normalised, then upsampled to `model_size` when that is larger."""
 
     model_config = ConfigDict(extra="forbid")
-    size: int
-    model_size: int
-    channels: int
+    size: int = Field(ge=1)
+    model_size: int = Field(ge=1)
+    channels: Literal[1, 3]
     mean: list[float]
-    std: list[float]
+    std: list[Annotated[float, Field(gt=0)]]
 
 
 class ScoreSpec(BaseModel):
     """Kernel score settings; k = None sums over every reference feature."""
 
     model_config = ConfigDict(extra="forbid")
-    temperature: float = 0.04
-    k: int | None = 200
+    temperature: float = Field(0.04, gt=0)
+    k: int | None = Field(200, ge=1)
     index_factory: str = "Flat"
     n_reference: int = 0
     k_selection: dict[str, Any] = Field(default_factory=dict)  # how k was chosen, if measured
@@ -69,7 +71,7 @@ class CalibrationSummary(BaseModel):
     model_config = ConfigDict(extra="forbid")
     n: int
     quantiles: dict[str, float]
-    default_alarm_rate: float = 0.01
+    default_alarm_rate: float = Field(0.01, gt=0, lt=1)
     data: str = ""
 
 
@@ -94,7 +96,7 @@ class Manifest(BaseModel):
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     backbone: BackboneConfig
     input: InputSpec
-    feature_dim: int
+    feature_dim: int = Field(ge=1)
     score: ScoreSpec
     calibration: CalibrationSummary
     training: TrainingRecord = Field(default_factory=TrainingRecord)
@@ -201,8 +203,13 @@ def read_manifest(path: Path) -> tuple[Manifest, str]:
     return manifest, hashlib.sha256(raw).hexdigest()
 
 
-def verify_files(path: Path, manifest: Manifest) -> None:
-    """Every required file is listed, present and has the hash the manifest records."""
+def verify_files(path: Path, manifest: Manifest) -> dict[str, bytes]:
+    """Every required file is listed, present and has the hash the manifest records.
+
+    Returns the verified bytes: callers parse these, never the files again, so nothing can
+    change between the check and the use.
+    """
+    verified: dict[str, bytes] = {}
     for name in REQUIRED_FILES:
         if name not in manifest.files:
             raise BundleError(
@@ -214,25 +221,28 @@ def verify_files(path: Path, manifest: Manifest) -> None:
             raise BundleError(f"{path}: manifest names a file outside the bundle: {name!r}")
         if not f.is_file():
             raise BundleError(f"{path}: {name} is missing; the bundle is incomplete")
-        if sha256_file(f) != expected:
+        data = f.read_bytes()
+        if hashlib.sha256(data).hexdigest() != expected:
             raise BundleError(
                 f"{path}: {name} does not match its SHA-256 in the manifest; the bundle was "
                 "changed after it was written: refit or restore it"
             )
+        verified[name] = data
+    return verified
 
 
 def load_bundle(path: str | Path) -> Bundle:
     """Read and verify a bundle. Raises BundleError on any problem, before weights are used."""
     path = Path(path)
     manifest, digest = read_manifest(path)
-    verify_files(path, manifest)
+    files = verify_files(path, manifest)
     try:
-        state = load_file(str(path / ENCODER))
+        state = load_safetensors(files[ENCODER])
     except (SafetensorError, OSError, ValueError) as exc:
         raise BundleError(f"{path}: {ENCODER} is not a valid safetensors file ({exc})") from None
     try:
-        features = np.load(path / FEATURES, allow_pickle=False)
-        calibration = np.load(path / CALIBRATION, allow_pickle=False)
+        features = np.load(io.BytesIO(files[FEATURES]), allow_pickle=False)
+        calibration = np.load(io.BytesIO(files[CALIBRATION]), allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise BundleError(f"{path}: cannot read arrays ({exc})") from None
     if (

@@ -27,7 +27,7 @@ def recalibrate(
     check_rule(alarm_rate, None)
     bundle = load_bundle(model)
     det = Detector(bundle, device=device)
-    images = load_dataset(data).images
+    images = load_dataset(data, size=bundle.manifest.input.size).images
     if len(images) < 10:
         raise DataError(
             f"{data}: {len(images)} images are too few to calibrate; give at least 10 (100+ recommended)"

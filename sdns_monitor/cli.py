@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -218,7 +217,9 @@ def score(
 
     check_rule(alarm_rate, threshold)
     det = Detector.load(model, device=device)
-    data = load_dataset(spec)
+    # Loading at the model's input size resizes image folders of mixed sizes, and keeps
+    # memory to what scoring needs; Detector.prepare then leaves the images as they are.
+    data = load_dataset(spec, size=det.manifest.input.size)
     result = det.score(data.images, alarm_rate=alarm_rate, threshold=threshold)
     out = sys.stdout
     for i in range(len(result)):
@@ -278,7 +279,6 @@ def info(model: Annotated[Path, typer.Option(help="Model bundle")]) -> None:
 
 def main() -> None:
     """Console entry point: run the app, turning project errors into one-line messages."""
-    started = time.perf_counter()
     try:
         app()
     except ConfigError as exc:
@@ -287,9 +287,10 @@ def main() -> None:
     except SdnsError as exc:
         _err(str(exc))
         sys.exit(1)
-    except KeyboardInterrupt:
-        _err(f"interrupted after {time.perf_counter() - started:.0f} s")
-        sys.exit(130)
+    except OSError as exc:  # unwritable --out or --report, full disk, ...
+        where = f": {exc.filename}" if exc.filename else ""
+        _err(f"{exc.strerror or exc}{where}; check the path and its permissions")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -26,5 +26,9 @@ class ConfigError(SdnsError):
     """An invalid option or combination of options."""
 
 
+class TrainingError(SdnsError):
+    """Training cannot go on (a non-finite loss, ...)."""
+
+
 class MissingExtraError(SdnsError):
     """An optional component (TensorRT, GPU FAISS, ...) was asked for but is not installed."""

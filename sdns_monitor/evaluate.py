@@ -10,7 +10,9 @@ import numpy as np
 
 from sdns_monitor.data import load_dataset
 from sdns_monitor.detector import Detector
+from sdns_monitor.errors import DataError
 from sdns_monitor.evaluation import ood_metrics, plot_histogram, plot_roc
+from sdns_monitor.scoring import conformal_cutoff
 
 
 def _limited(images: np.ndarray, limit: int | None, seed: int = 0) -> np.ndarray:
@@ -37,10 +39,18 @@ def evaluate_bundle(
     """{"id": SPEC, "results": [{"ood": SPEC, "auroc", "fpr95", "aupr"}, ...]} (higher score =
     more OOD; OOD is the positive class). With `report_dir`, a ROC and a histogram PNG per set."""
     det = detector or Detector.load(model, device=device)
-    id_scores = det.anomaly_scores(det.prepare(_limited(load_dataset(id_spec).images, limit)))
+    size = det.manifest.input.size
+
+    def scores_of(spec: str) -> np.ndarray:
+        images = _limited(load_dataset(spec, size=size).images, limit)
+        if len(images) == 0:
+            raise DataError(f"{spec}: no images to evaluate")
+        return det.anomaly_scores(det.prepare(images))
+
+    id_scores = scores_of(id_spec)
     results, curves = [], {}
     for spec in ood_specs:
-        scores = det.anomaly_scores(det.prepare(_limited(load_dataset(spec).images, limit)))
+        scores = scores_of(spec)
         m = ood_metrics(id_scores, scores)
         results.append({"ood": spec, "auroc": m.auroc, "fpr95": m.fpr95, "aupr": m.aupr})
         curves[spec] = (id_scores, scores)
@@ -49,11 +59,7 @@ def evaluate_bundle(
             plot_roc(
                 {spec: curves[spec]}, report_dir / f"roc_{_slug(spec)}.png", f"{id_spec} vs {spec}"
             )
-            threshold = (
-                float(np.quantile(det.calibration, 1 - det.alarm_rate))
-                if len(det.calibration)
-                else None
-            )
+            threshold = conformal_cutoff(det.calibration, det.alarm_rate)
             plot_histogram(
                 id_scores,
                 scores,

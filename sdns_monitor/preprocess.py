@@ -51,7 +51,9 @@ def resize_uint8(images: np.ndarray, size: int, chunk: int = 4096) -> np.ndarray
         return images
     out = np.empty((images.shape[0], size, size, images.shape[3]), dtype=np.uint8)
     for start in range(0, images.shape[0], chunk):
-        t = torch.from_numpy(images[start : start + chunk]).permute(0, 3, 1, 2).float()
+        part = images[start : start + chunk]
+        part = part if part.flags.writeable else part.copy()  # torch wants to own its memory
+        t = torch.from_numpy(part).permute(0, 3, 1, 2).float()
         t = F.interpolate(
             t, size=(size, size), mode="bilinear", antialias=True, align_corners=False
         )

@@ -36,6 +36,21 @@ def p_values(scores: np.ndarray, calibration: np.ndarray) -> np.ndarray:
     return (1.0 + at_least) / (n + 1.0)
 
 
+def conformal_cutoff(calibration: np.ndarray, alarm_rate: float) -> float | None:
+    """The smallest score whose p-value is below `alarm_rate`'s rule boundary: scores above it
+    are flagged (None when no score can be, i.e. fewer than 1/alarm_rate calibration scores).
+
+    p(a) < alpha  <=>  #{c >= a} < alpha (n + 1) - 1; with sorted c this holds for every a above
+    c[j - 1], where j = n - ceil(alpha (n + 1) - 1) + 1 is the number of scores that must lie
+    strictly below a.
+    """
+    n = calibration.shape[0]
+    need_below = n - math.ceil(alarm_rate * (n + 1) - 1) + 1
+    if need_below > n or need_below < 1:
+        return None
+    return float(np.sort(calibration)[need_below - 1])
+
+
 @dataclass(frozen=True)
 class ScoreResult:
     """Per-image results of `Detector.score`. Higher score = more out-of-distribution."""

@@ -175,6 +175,8 @@ def make_config(recipe: str = "default", **overrides: Any) -> TrainConfig:
         raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     values: dict[str, Any] = {"recipe": recipe, **RECIPES[recipe]}
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("negatives") == "none" and overrides.get("neg_source") is None:
+        values["neg_source"] = "aux"  # raw images as negatives can only be auxiliary ones
     try:
         return TrainConfig(**values)
     except ValidationError as exc:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sdns_monitor.backbones import Backbone, BackboneConfig
-from sdns_monitor.errors import ConfigError
+from sdns_monitor.errors import ConfigError, DataError, TrainingError
 from trainer import schedules
 from trainer.augment import CropConfig, MultiCrop
 from trainer.config import TrainConfig
@@ -167,12 +167,17 @@ class Trainer:
         self.progress = progress
         self.bf16 = resolve_bf16(cfg.precision, device)
         if cfg.batch_size % self.info.world_size:
-            raise ValueError("batch_size must be divisible by the number of processes")
-        self.local_batch = cfg.batch_size // self.info.world_size
+            raise ConfigError(
+                f"--batch-size {cfg.batch_size} must be divisible by the number of processes "
+                f"({self.info.world_size})"
+            )
         n = images.shape[0]
         full = n // cfg.batch_size
         if full == 0:
-            raise ValueError(f"{n} training images are fewer than one batch of {cfg.batch_size}")
+            raise DataError(
+                f"{n} training images are fewer than one batch of {cfg.batch_size}; "
+                "give more images or a smaller --batch-size"
+            )
         self.steps_per_epoch = min(cfg.steps_per_epoch or full, full)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.sched = Schedules(cfg, self.total_steps, self.steps_per_epoch)
@@ -188,6 +193,11 @@ class Trainer:
         self.student_module: Encoder = student
         self.student: nn.Module = student
         if self.info.world_size > 1:
+            if device.type == "cuda":
+                # DINO syncs BN statistics across processes; PyTorch's SyncBatchNorm needs a GPU,
+                # so on CPUs each process normalises with its own share of the batch.
+                student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+                self.student_module = student
             ids = [device.index] if device.type == "cuda" else None
             self.student = DistributedDataParallel(student, device_ids=ids)
         self.optimizer = torch.optim.AdamW(param_groups(student))
@@ -237,7 +247,12 @@ class Trainer:
         path = self._checkpoint_path()
         if path is None or not path.exists():
             return False
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:  # truncated file, foreign format, refused pickle, ...
+            raise ConfigError(
+                f"cannot resume from {path} ({type(exc).__name__}); delete it or drop --resume"
+            ) from None
         if state["config"] != self.cfg.model_dump_json():
             raise ConfigError(
                 f"checkpoint {path} was written with other options; "
@@ -253,11 +268,21 @@ class Trainer:
 
     # ----------------------------------------------------------------- training
     def _batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor | None, torch.Generator]]:
-        seed = self.cfg.seed * 1_000_003 + epoch
-        order = torch.randperm(self.images.shape[0], generator=torch.Generator().manual_seed(seed))
-        gen = torch.Generator(self.device).manual_seed(seed * 131 + self.info.rank)
-        cpu_gen = torch.Generator().manual_seed(seed * 131 + self.info.rank)
-        torch.manual_seed(seed * 131 + self.info.rank)  # drop-path
+        # Independent streams from (seed, epoch[, rank]): the shared batch order, then per rank
+        # the crops, the auxiliary picks and the global stream (drop-path).
+        order_seed = np.random.SeedSequence([self.cfg.seed, epoch]).generate_state(1)[0]
+        order = torch.randperm(
+            self.images.shape[0], generator=torch.Generator().manual_seed(int(order_seed))
+        )
+        crop_seed, aux_seed, global_seed = (
+            int(s)
+            for s in np.random.SeedSequence([self.cfg.seed, epoch, self.info.rank]).generate_state(
+                3
+            )
+        )
+        gen = torch.Generator(self.device).manual_seed(crop_seed)
+        cpu_gen = torch.Generator().manual_seed(aux_seed)
+        torch.manual_seed(global_seed)
         for step in range(self.steps_per_epoch):
             batch = order[step * self.cfg.batch_size : (step + 1) * self.cfg.batch_size]
             mine = batch[self.info.rank :: self.info.world_size]
@@ -317,7 +342,9 @@ class Trainer:
             pos, neg = self._split(student_out, n_pos, n_sources)
             parts = self.loss(pos, teacher_out, neg, float(sched.teacher_temp[step]))
         if not math.isfinite(parts.total.item()):
-            raise FloatingPointError(f"loss is {parts.total.item()} at step {step}; lower --lr")
+            raise TrainingError(
+                f"the loss became {parts.total.item()} at step {step}; lower --lr and rerun"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         if self.cfg.clip_grad > 0:

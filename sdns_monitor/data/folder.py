@@ -6,13 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
 
-from sdns_monitor.errors import DataError
+from sdns_monitor.errors import DataError, FrameError
+from sdns_monitor.frames import decode_bytes
 from sdns_monitor.preprocess import resize_uint8
 
 EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
-_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 
 @dataclass(frozen=True)
@@ -78,26 +77,17 @@ def _class_labels(root: Path, files: list[Path]) -> tuple[np.ndarray | None, lis
 
 
 def _decode(path: Path, *, spec: str) -> np.ndarray:
-    """uint8 H x W (grayscale) or H x W x 3 (colour) pixels of one file."""
+    """uint8 H x W (grayscale) or H x W x 3 (colour) pixels of one file.
+
+    Decoded by `frames.decode_bytes`, the decoder that scores streamed frames, so a reference
+    image and the same image arriving on a topic get the same pixels (and the same guards).
+    """
     try:
-        with Image.open(path) as img:
-            img.load()
-            return _to_array(ImageOps.exif_transpose(img))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        frame = decode_bytes(path.read_bytes())[0]
+    except (OSError, FrameError) as exc:
         raise DataError(
             f"{spec}: cannot decode image {path} ({exc}); remove or fix the file"
         ) from exc
-
-
-def _to_array(img: Image.Image) -> np.ndarray:
-    mode = img.mode
-    if mode not in _GRAY_MODES:
-        return np.array(img.convert("RGB"), dtype=np.uint8)  # a writable copy
-    if mode in ("1", "L", "LA"):
-        return np.array(img.convert("L"), dtype=np.uint8)
-    pixels = np.asarray(img)
-    if mode == "F":  # float: [0, 1] if it fits, else taken as 0..255
-        scale = 255.0 if pixels.size and float(pixels.max()) <= 1.0 else 1.0
-        return np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8)
-    # 16-bit (I;16*) and 32-bit integer (I, how Pillow may open 16-bit PNGs): 65535 -> 255.
-    return np.clip(np.rint(pixels.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+    if frame.shape[-1] == 1:
+        return frame[..., 0]
+    return np.ascontiguousarray(frame[..., :3])

@@ -254,7 +254,17 @@ def test_calibrate_refuses_too_few_images(tiny_bundle: Path, tmp_path: Path) -> 
             "unknown recipe",
         ),
         (
-            ["fit", "--data", "animals", "--out", "{missing}", "--negatives", "none"],
+            [
+                "fit",
+                "--data",
+                "animals",
+                "--out",
+                "{missing}",
+                "--negatives",
+                "none",
+                "--neg-source",
+                "id",
+            ],
             2,
             "needs neg_source 'aux'",
         ),
@@ -305,3 +315,32 @@ def test_console_script_missing_bundle_is_one_line_exit_1(tmp_path: Path) -> Non
     assert proc.stderr.startswith("error: no model bundle at ")
     assert proc.stderr.count("\n") == 1
     assert "Traceback" not in proc.stderr
+
+
+def test_unwritable_report_dir_is_one_line_error(
+    tiny_bundle: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    argv = [
+        "sdns-monitor",
+        "eval",
+        "--model",
+        str(tiny_bundle),
+        "--id",
+        "animals@0",
+        "--ood",
+        "animals@1",
+        "--report",
+        str(blocker / "report"),
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert str(blocker) in err

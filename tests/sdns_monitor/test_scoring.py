@@ -8,7 +8,7 @@ import torch
 
 from sdns_monitor.errors import ConfigError
 from sdns_monitor.index import ReferenceIndex, anomaly_scores
-from sdns_monitor.scoring import kernel_score, p_values
+from sdns_monitor.scoring import conformal_cutoff, kernel_score, p_values
 
 
 def _unit(n: int, d: int, seed: int) -> np.ndarray:
@@ -161,3 +161,16 @@ def test_reference_features_must_be_float32_matrix() -> None:
         ReferenceIndex(np.zeros((3, 4), np.float64))
     with pytest.raises(ValueError):
         ReferenceIndex(np.zeros(4, np.float32))
+
+
+@pytest.mark.parametrize("n", [10, 99, 100, 1000])
+@pytest.mark.parametrize("alarm_rate", [0.01, 0.05, 0.1, 0.3])
+def test_conformal_cutoff_separates_exactly_the_flagged_scores(n: int, alarm_rate: float) -> None:
+    cal = np.sort(np.random.default_rng(n).normal(size=n))
+    probes = np.sort(np.concatenate([cal, cal + 1e-9, cal - 1e-9, [cal[0] - 1, cal[-1] + 1]]))
+    flagged = p_values(probes, cal) < alarm_rate
+    cutoff = conformal_cutoff(cal, alarm_rate)
+    if cutoff is None:
+        assert not flagged.any()
+    else:
+        np.testing.assert_array_equal(flagged, probes > cutoff)

@@ -84,3 +84,9 @@ def test_config_round_trips_through_json() -> None:
     cfg = make_config("default", width=8, aux=["textures"]).with_sizes(28)
     again = TrainConfig.model_validate_json(cfg.model_dump_json())
     assert again == cfg
+
+
+def test_raw_negatives_default_to_auxiliary_source() -> None:
+    assert make_config("quick", negatives="none").neg_source == "aux"
+    with pytest.raises(ConfigError, match="needs neg_source 'aux'"):
+        make_config("quick", negatives="none", neg_source="id")

@@ -10,7 +10,13 @@ from sdns_monitor.data import ImageSet
 from sdns_monitor.errors import DataError
 from sdns_monitor.index import ReferenceIndex
 from trainer.config import make_config
-from trainer.fit import K_CANDIDATES, choose_k, shifted_validation, split_reference
+from trainer.fit import (
+    K_CANDIDATES,
+    VALIDATION_SHIFTS,
+    choose_k,
+    shifted_validation,
+    split_reference,
+)
 
 
 def _set(n: int) -> ImageSet:
@@ -64,10 +70,16 @@ def test_choose_k_takes_the_smallest_k_close_to_exact() -> None:
 def test_shifted_validation_keeps_pixels_and_triples_the_set() -> None:
     images = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 1), dtype=np.uint8)
     shifted = shifted_validation(images, 0)
-    assert shifted.shape == (30, 8, 8, 1) and shifted.dtype == np.uint8
+    assert shifted.shape == (10 * len(VALIDATION_SHIFTS), 8, 8, 1) and shifted.dtype == np.uint8
     # Every shift (rotation, tile and pixel permutations) only moves pixels around.
-    for i in range(3):
+    for i in range(len(VALIDATION_SHIFTS)):
         part = shifted[i * 10 : (i + 1) * 10].reshape(10, -1)
         np.testing.assert_array_equal(
             np.sort(part, axis=1), np.sort(images.reshape(10, -1), axis=1)
         )
+
+
+def test_shifted_validation_leaves_out_the_training_negative() -> None:
+    images = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 1), dtype=np.uint8)
+    assert len(shifted_validation(images, 0, exclude="rot")) == 10 * (len(VALIDATION_SHIFTS) - 1)
+    assert len(shifted_validation(images, 0, exclude="off")) == 10 * len(VALIDATION_SHIFTS)

@@ -12,7 +12,7 @@ from torch import nn
 
 import trainer.loop as loop
 from sdns_monitor.backbones import BackboneConfig
-from sdns_monitor.errors import ConfigError, SdnsError
+from sdns_monitor.errors import ConfigError, DataError, SdnsError
 from trainer.config import TrainConfig, make_config
 from trainer.head import build_pair
 from trainer.loop import Trainer, cancel_last_layer_grads, clip_per_parameter, param_groups
@@ -254,7 +254,7 @@ def test_checkpoint_of_another_config_is_a_project_error(tmp_path: Path) -> None
 
 
 def test_too_few_images_for_one_batch_is_refused() -> None:
-    with pytest.raises(ValueError, match="fewer than one batch"):
+    with pytest.raises(DataError, match="fewer than one batch"):
         Trainer(
             _config(batch_size=128),
             BACKBONE,
