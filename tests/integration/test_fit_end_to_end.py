@@ -15,9 +15,14 @@ from sdns_monitor.bundle import load_bundle
 from sdns_monitor.data import load_dataset
 
 CLI = [sys.executable, "-m", "sdns_monitor.cli"]
-# A quick model is far from converged; random scores give 0.5. The quick recipe measured
-# 0.70-0.80 on MNIST validation data; the bar leaves room for seeds and machines.
-MNIST_AUROC_BAR = 0.6
+# The quick recipe (under 3 minutes) measured AUROC 0.82 against animal silhouettes on the full
+# Fashion-MNIST training set; the bar leaves room for the 12k subset, seeds and machines.
+# Against MNIST the quick recipe is not reliable (0.62 on the full set, below 0.5 on this
+# subset): its features are mid-way between the random encoder's low-level ones and the
+# semantic ones the default recipe reaches (0.91), so MNIST is checked on the default recipe
+# in test_default_recipe_detects_mnist (slow).
+ANIMALS_AUROC_BAR = 0.7
+MNIST_AUROC_BAR_DEFAULT = 0.85
 
 
 def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -45,25 +50,33 @@ def quick_bundle(fmnist_subset: str, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.mark.integration
-def test_quick_fit_detects_mnist(quick_bundle: Path) -> None:
+def test_quick_fit_detects_animal_silhouettes(quick_bundle: Path) -> None:
     proc = run(
-        "eval",
-        "--model",
-        str(quick_bundle),
-        "--id",
-        "fashion-mnist:test",
-        "--ood",
-        "mnist:test",
-        "--limit",
-        "3000",
-        "--json",
-    )
+        "eval", "--model", str(quick_bundle), "--id", "fashion-mnist:test",
+        "--ood", "animals", "--ood", "mnist:test", "--limit", "3000", "--json",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["id"] == "fashion-mnist:test"
-    (row,) = result["results"]
-    assert row["ood"] == "mnist:test"
-    assert row["auroc"] > MNIST_AUROC_BAR, row
+    animals, mnist = result["results"]
+    assert (animals["ood"], mnist["ood"]) == ("animals", "mnist:test")
+    assert animals["auroc"] > ANIMALS_AUROC_BAR, animals
+    for row in result["results"]:
+        assert 0.0 <= row["fpr95"] <= 1.0 and 0.0 <= row["aupr"] <= 1.0
+
+
+@pytest.mark.slow
+def test_default_recipe_detects_mnist(tmp_path: Path) -> None:
+    """The default recipe on the full Fashion-MNIST training set (about 20 minutes)."""
+    out = tmp_path / "default.sdns"
+    proc = run("fit", "--data", "fashion-mnist:train", "--out", str(out), "--quiet", timeout=3600)
+    assert proc.returncode == 0, proc.stderr
+    proc = run(
+        "eval", "--model", str(out), "--id", "fashion-mnist:test", "--ood", "mnist:test", "--json"
+    )
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(proc.stdout)["results"]
+    assert row["auroc"] > MNIST_AUROC_BAR_DEFAULT, row
 
 
 @pytest.mark.integration
@@ -94,10 +107,10 @@ def test_score_flags_at_the_chosen_alarm_rate(quick_bundle: Path, tmp_path: Path
     guarantee); out-of-distribution ones far more often."""
     rng = np.random.default_rng(1)
     fm = load_dataset("fashion-mnist:test").images
-    mn = load_dataset("mnist:test").images
+    animals = load_dataset("animals").images
     id_path, ood_path = tmp_path / "id.npz", tmp_path / "ood.npz"
     np.savez(id_path, images=fm[rng.choice(len(fm), 2000, replace=False)])
-    np.savez(ood_path, images=mn[rng.choice(len(mn), 500, replace=False)])
+    np.savez(ood_path, images=animals[rng.choice(len(animals), 500, replace=False)])
     rates = {}
     for name, path in (("id", id_path), ("ood", ood_path)):
         proc = run("score", f"npz:{path}", "--model", str(quick_bundle), "--alarm-rate", "0.1")
