@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUN_DIR ?= runs
+LINT_PATHS := $(wildcard sdns_monitor trainer tests benchmarks examples)
 # Threads for torch on small machines; override with `make demo THREADS=8`.
 THREADS ?= $(shell nproc)
 export OMP_NUM_THREADS := $(THREADS)
@@ -27,8 +28,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check sdns_monitor trainer tests benchmarks examples
-	$(VENV)/bin/ruff format --check sdns_monitor trainer tests benchmarks examples
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy
 
 test: lint
