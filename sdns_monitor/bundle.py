@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from sdns_monitor import __version__
 from sdns_monitor.backbones import BackboneConfig
-from sdns_monitor.errors import BundleError
+from sdns_monitor.errors import BundleError, first_problem
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -197,9 +197,8 @@ def read_manifest(path: Path) -> tuple[Manifest, str]:
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        raise BundleError(f"{mpath} is invalid at {where}: {first['msg']}") from None
+        where, what = first_problem(exc)
+        raise BundleError(f"{mpath} is invalid at {where}: {what}") from None
     return manifest, hashlib.sha256(raw).hexdigest()
 
 

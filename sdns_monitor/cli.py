@@ -185,7 +185,7 @@ def evaluate(
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """AUROC, FPR at 95% TPR and AUPR of the anomaly score, in-distribution vs each OOD set."""
-    from sdns_monitor.evaluate import evaluate_bundle
+    from sdns_monitor.eval_bundle import evaluate_bundle
 
     result = evaluate_bundle(model, id, ood, report_dir=report, limit=limit, device=device)
     if json_out:

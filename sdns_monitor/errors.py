@@ -5,6 +5,8 @@ The CLI prints them on one line and exits non-zero, without a traceback.
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class SdnsError(Exception):
     """Base class of every error the project raises on purpose."""
@@ -32,3 +34,14 @@ class TrainingError(SdnsError):
 
 class MissingExtraError(SdnsError):
     """An optional component (TensorRT, GPU FAISS, ...) was asked for but is not installed."""
+
+
+def first_problem(exc: ValidationError) -> tuple[str, str]:
+    """(where, what) of a pydantic error's first problem, for a one-line message.
+
+    Pydantic's own message spans several lines per problem; users get the first one, named by
+    its field path (e.g. "score.k"), which is usually all they need to fix.
+    """
+    first = exc.errors()[0]
+    where = ".".join(str(x) for x in first["loc"] if not str(x).startswith("constrained-"))
+    return where, str(first["msg"])

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sdns_monitor.errors import ConfigError
+from sdns_monitor.errors import ConfigError, first_problem
 
 Negatives = Literal["rot", "rot360", "perm4", "perm16", "pixperm", "none", "off"]
 NegativeSource = Literal["both", "id", "aux"]
@@ -180,6 +180,5 @@ def make_config(recipe: str = "default", **overrides: Any) -> TrainConfig:
     try:
         return TrainConfig(**values)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(x) for x in first["loc"]) or "config"
-        raise ConfigError(f"invalid training option {where}: {first['msg']}") from None
+        where, what = first_problem(exc)
+        raise ConfigError(f"invalid training option {where or 'config'}: {what}") from None

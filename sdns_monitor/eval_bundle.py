@@ -1,4 +1,5 @@
-"""Offline evaluation of a bundle: in-distribution test data against OOD sets."""
+"""Offline evaluation of a bundle on data sets (`sdns-monitor eval`); the metrics and plots
+themselves live in `sdns_monitor.evaluation`."""
 
 from __future__ import annotations
 
