@@ -1,0 +1,182 @@
+"""Settings of `sdns-monitor run`: command-line options, `SDNS_<NAME>` environment variables and
+a config file (`--config FILE`, TOML or JSON), validated once by pydantic.
+
+Precedence: command line > environment > config file > defaults. Every problem is one
+`ConfigError` line naming the setting and its source. Secrets are `SecretStr`: they never
+appear in reprs or logs.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from sdns_monitor.errors import ConfigError, first_problem
+
+ENV_PREFIX = "SDNS_"
+
+
+class KafkaSecurity(BaseModel):
+    """Client security, passed through to the Kafka client (kafka-python's option names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaSecurity:
+        sasl = self.security_protocol.startswith("SASL")
+        if sasl and self.sasl_mechanism is None:
+            raise ValueError(f"security_protocol {self.security_protocol} needs a sasl_mechanism")
+        needs_password = sasl and self.sasl_mechanism != "OAUTHBEARER"
+        if needs_password and (not self.sasl_plain_username or self.sasl_plain_password is None):
+            raise ValueError(
+                f"sasl_mechanism {self.sasl_mechanism} needs sasl_plain_username and "
+                "sasl_plain_password"
+            )
+        if not sasl and self.sasl_mechanism is not None:
+            raise ValueError(
+                "sasl_mechanism is set but security_protocol is not SASL_PLAINTEXT or SASL_SSL"
+            )
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} {path} is not a readable file")
+        return self
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments for kafka-python clients (secrets revealed only here)."""
+        out: dict[str, Any] = {"security_protocol": self.security_protocol}
+        for key, value in self.model_dump(exclude_none=True).items():
+            if key == "security_protocol":
+                continue
+            out[key] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        return out
+
+
+class RunSettings(BaseModel):
+    """Everything `run` needs; field names are the option names with '-' as '_'."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    topic: list[str] = Field(default_factory=list)
+    topic_pattern: str | None = None
+    model: Path
+    bootstrap_servers: str = "localhost:9092"
+    group_id: str = "sdns-monitor"
+    alert_topic: str = "sdns-alerts"
+    dlq_topic: str = "sdns-dead-letters"
+    scores_topic: str | None = None
+    batch_size: int = Field(64, ge=1, le=8192)
+    max_wait_ms: int = Field(100, ge=0, le=60_000)
+    alarm_rate: float | None = Field(None, gt=0, lt=1)
+    threshold: float | None = None
+    from_beginning: bool = False
+    max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    cache_dir: Path | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(9108, ge=0, le=65535)  # None disables; 0 picks a free port
+    session_timeout_ms: int = Field(45_000, ge=1000)  # Kafka's defaults; Tansu wants 6000 / 1000
+    heartbeat_interval_ms: int = Field(3_000, ge=100)
+    incident_window_s: float = Field(60.0, gt=0)
+    incident_cooldown_s: float = Field(300.0, ge=0)
+    security: KafkaSecurity = Field(default_factory=KafkaSecurity)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunSettings:
+        if not self.topic and not self.topic_pattern:
+            raise ValueError("give at least one --topic or a --topic-pattern")
+        if self.topic and self.topic_pattern:
+            raise ValueError("--topic and --topic-pattern are mutually exclusive")
+        if self.alarm_rate is not None and self.threshold is not None:
+            raise ValueError("--alarm-rate and --threshold are mutually exclusive; give one")
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError("heartbeat_interval_ms must be below session_timeout_ms")
+        outputs = {self.alert_topic, self.dlq_topic} | ({self.scores_topic} - {None})
+        if set(self.topic) & outputs:
+            raise ValueError(
+                "an input topic is also an output topic; the monitor would read its own alerts"
+            )
+        return self
+
+
+_LISTS = {"topic"}
+_BOOLS = {"from_beginning"}
+_SECURITY = set(KafkaSecurity.model_fields)
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in set(RunSettings.model_fields) | _SECURITY:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is None or name == "security":
+            continue
+        value: Any = raw
+        if name in _LISTS:
+            value = [t.strip() for t in raw.split(",") if t.strip()]
+        elif name in _BOOLS:
+            if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise ConfigError(
+                    f"{ENV_PREFIX}{name.upper()}={raw!r} is not a boolean; use true or false"
+                )
+            value = raw.lower() in ("1", "true", "yes")
+        values[name] = value
+    return values
+
+
+def _nest(values: dict[str, Any]) -> dict[str, Any]:
+    """Security options may be given flat (as on the command line); nest them."""
+    out = {k: v for k, v in values.items() if k not in _SECURITY}
+    security = {**out.pop("security", {}), **{k: v for k, v in values.items() if k in _SECURITY}}
+    if security:
+        out["security"] = security
+    return out
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(
+            f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table of settings")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def load_settings(
+    cli: Mapping[str, Any], env: Mapping[str, str], config_file: Path | None = None
+) -> RunSettings:
+    """Merge the three sources (None on the command line means "not given") and validate."""
+    merged: dict[str, Any] = _nest(_from_file(config_file)) if config_file else {}
+    given = {k: v for k, v in cli.items() if v is not None and v != [] and v != ()}
+    for source in (_nest(_from_env(env)), _nest(given)):
+        security = source.pop("security", {})
+        merged.update(source)
+        if security:
+            merged["security"] = {**merged.get("security", {}), **security}
+    try:
+        return RunSettings.model_validate(merged)
+    except ValidationError as exc:
+        where, what = first_problem(exc)
+        what = what.removeprefix("Value error, ")
+        raise ConfigError(
+            f"invalid setting {where}: {what}" if where else f"invalid settings: {what}"
+        ) from None
