@@ -1,0 +1,118 @@
+"""The records `run` produces (DESIGN.md "Contracts"): alerts, per-frame scores, incident
+closings and dead letters. JSON via pydantic, each with a `schema_version`.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+# Headers a dead letter carries besides the original message's own.
+DLQ_HEADERS = (
+    "sdns-error-class",
+    "sdns-error",
+    "sdns-source-topic",
+    "sdns-source-partition",
+    "sdns-source-offset",
+    "sdns-frame-index",
+)
+
+
+class Source(BaseModel):
+    """Where a frame came from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    topic: str
+    partition: int
+    offset: int
+    frame_index: int = 0  # index within the message when it held a batch of frames
+    key: str | None = None
+    key_encoding: Literal["utf-8", "base64"] | None = None
+    timestamp_ms: int | None = None
+
+
+class ModelRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    hash: str
+    name: str
+
+
+class IncidentRef(BaseModel):
+    """The incident an alert belongs to (per key: flagged frames within a window)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    opened_at_ms: int
+    frames: int = Field(ge=1)  # flagged frames in the incident so far
+    alerts: int = Field(ge=1)  # alerts sent for it so far, this one included
+
+
+class Alert(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+    kind: Literal["alert"] = "alert"
+    source: Source
+    score: float
+    p_value: float
+    alarm_rate: float | None = None
+    threshold: float | None = None
+    model: ModelRef
+    detected_at_ms: int
+    incident: IncidentRef | None = None
+
+
+class ScoreRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+    source: Source
+    score: float
+    p_value: float
+    flagged: bool
+    model: ModelRef
+
+
+class IncidentClosed(BaseModel):
+    """Sent on the alert topic when a key has had no flagged frame for a whole window."""
+
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+    kind: Literal["incident-closed"] = "incident-closed"
+    key: str | None
+    key_encoding: Literal["utf-8", "base64"] | None = None
+    incident_id: str
+    opened_at_ms: int
+    closed_at_ms: int
+    frames: int
+    alerts: int
+
+
+def encode_key(key: bytes | None) -> tuple[str | None, Literal["utf-8", "base64"] | None]:
+    """A message key as text: UTF-8 when it decodes, else base64 (never lossy)."""
+    if key is None:
+        return None, None
+    try:
+        return key.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return base64.b64encode(key).decode("ascii"), "base64"
+
+
+def dead_letter_headers(
+    original: list[tuple[str, bytes]] | None,
+    error: BaseException,
+    source: Source,
+) -> list[tuple[str, bytes]]:
+    """The original headers unchanged, then the sdns-* headers that say what went wrong."""
+    message = " ".join(str(error).split())[:1000]  # one line, bounded
+    ours = [
+        ("sdns-error-class", type(error).__name__),
+        ("sdns-error", message),
+        ("sdns-source-topic", source.topic),
+        ("sdns-source-partition", str(source.partition)),
+        ("sdns-source-offset", str(source.offset)),
+        ("sdns-frame-index", str(source.frame_index)),
+    ]
+    return [*(original or []), *((k, v.encode("utf-8")) for k, v in ours)]
