@@ -20,6 +20,7 @@ from sdns_monitor.bundle import (
     write_bundle,
 )
 from sdns_monitor.data import load_dataset
+from sdns_monitor.detector import Detector
 from sdns_monitor.features import extract_features
 from sdns_monitor.index import ReferenceIndex, anomaly_scores
 from sdns_monitor.preprocess import prepare_uint8
@@ -94,3 +95,9 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def det(tiny_bundle: Path) -> Detector:
+    """A Detector on `tiny_bundle`, on the CPU."""
+    return Detector.load(tiny_bundle, device="cpu")

@@ -26,11 +26,6 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def det(tiny_bundle: Path) -> Detector:
-    return Detector.load(tiny_bundle, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def id_images(fashion_test: np.ndarray) -> np.ndarray:
     return fashion_test[1000:1060].copy()
 

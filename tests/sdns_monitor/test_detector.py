@@ -21,11 +21,6 @@ ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def det(tiny_bundle: Path) -> Detector:
-    return Detector.load(tiny_bundle, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def frames(fashion_test: np.ndarray) -> np.ndarray:
     """4 uint8 16 x 16 x 1 images that are neither reference nor calibration images."""
     return fashion_test[1000:1004].copy()
