@@ -254,6 +254,70 @@ def calibrate(
 
 
 @app.command()
+def run(
+    topic: Annotated[list[str] | None, typer.Option(help="Topic to watch (repeatable)")] = None,
+    topic_pattern: Annotated[
+        str | None, typer.Option(help="Regex of topics to watch instead")
+    ] = None,
+    model: Annotated[Path | None, typer.Option(help="Model bundle")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML or JSON file of settings")] = None,
+    bootstrap_servers: Annotated[str | None, typer.Option()] = None,
+    group_id: Annotated[str | None, typer.Option()] = None,
+    alert_topic: Annotated[str | None, typer.Option()] = None,
+    dlq_topic: Annotated[str | None, typer.Option()] = None,
+    scores_topic: Annotated[
+        str | None, typer.Option(help="One record per frame (optional)")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    max_wait_ms: Annotated[int | None, typer.Option()] = None,
+    alarm_rate: Annotated[float | None, typer.Option(help="Flag when p-value < this")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Flag when score > this instead")] = None,
+    from_beginning: Annotated[
+        bool | None,
+        typer.Option("--from-beginning", help="Start a new group at the earliest offsets"),
+    ] = None,
+    max_frame_bytes: Annotated[int | None, typer.Option()] = None,
+    session_timeout_ms: Annotated[int | None, typer.Option()] = None,
+    heartbeat_interval_ms: Annotated[int | None, typer.Option()] = None,
+    security_protocol: Annotated[str | None, typer.Option()] = None,
+    sasl_mechanism: Annotated[str | None, typer.Option()] = None,
+    sasl_plain_username: Annotated[str | None, typer.Option()] = None,
+    ssl_cafile: Annotated[Path | None, typer.Option()] = None,
+) -> None:
+    """Watch Kafka topics of image frames; publish an alert for every out-of-distribution frame.
+
+    Every option can also be set as SDNS_<OPTION> (e.g. SDNS_BOOTSTRAP_SERVERS) or in --config;
+    passwords only through the environment or the config file (SDNS_SASL_PLAIN_PASSWORD).
+    """
+    given = {k: v for k, v in locals().items() if k != "config"}  # the options, before imports
+    import logging
+    import os
+    import signal
+    import threading
+
+    from sdns_monitor.settings import load_settings
+    from sdns_monitor.stream import StreamMonitor
+
+    settings = load_settings(given, os.environ, config)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    monitor = StreamMonitor(settings)
+    watched = settings.topic_pattern or ", ".join(settings.topic)
+    typer.echo(
+        f"watching {watched} on {settings.bootstrap_servers} with model {monitor.detector.name}",
+        err=True,
+    )
+    stats = monitor.run(stop)
+    typer.echo(
+        f"stopped: {stats.messages} messages, {stats.frames} frames, {stats.alerts} alerts, "
+        f"{stats.dead_letters} dead letters, {stats.frames_per_second():.1f} frames/s",
+        err=True,
+    )
+
+
+@app.command()
 def broker(
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port to listen on")] = 9092,
     host: Annotated[

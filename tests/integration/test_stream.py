@@ -1,0 +1,175 @@
+"""StreamMonitor against the real broker: alerts, scores, dead letters, commits."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from PIL import Image
+
+from sdns_monitor.broker import Broker
+from sdns_monitor.detector import Detector
+from sdns_monitor.settings import load_settings
+from sdns_monitor.stream import StreamMonitor
+
+TANSU = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image.squeeze(-1)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _read_all(broker: Broker, topic: str, expect: int, timeout_ms: int = 8000) -> list:
+    consumer = KafkaConsumer(
+        topic, bootstrap_servers=broker.bootstrap_servers, auto_offset_reset="earliest",
+        consumer_timeout_ms=timeout_ms, group_id=None,
+    )  # fmt: skip
+    out = []
+    for m in consumer:
+        out.append(m)
+        if len(out) >= expect:
+            break
+    consumer.close()
+    return out
+
+
+@pytest.mark.integration
+def test_monitor_scores_every_frame_alerts_and_dead_letters(
+    kafka_broker: Broker, tiny_bundle: Path, det: Detector, fashion_test: np.ndarray
+) -> None:
+    run_id = uuid.uuid4().hex[:8]
+    topics = {name: f"{name}-{run_id}" for name in ("frames", "alerts", "dlq", "scores")}
+    admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap_servers)
+    admin.create_topics(
+        [NewTopic(t, num_partitions=2, replication_factor=1) for t in topics.values()]
+    )
+    admin.close()
+
+    id_frames = fashion_test[2000:2030]
+    noise = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap_servers)
+    messages: list[tuple[bytes, bytes, list[tuple[str, bytes]]]] = []
+    messages += [(f"cam{i % 3}".encode(), _png(image), []) for i, image in enumerate(id_frames)]
+    messages += [(b"\xffbroken", _png(image), []) for image in noise]
+    batch = io.BytesIO()
+    np.save(batch, fashion_test[2100:2104])  # one message holding 4 frames
+    messages.append((b"batch", batch.getvalue(), []))
+    messages.append((b"bad", b"not an image", [("content-type", b"image/png")]))
+    for key, value, headers in messages:
+        producer.send(topics["frames"], key=key, value=value, headers=headers)
+    sent = len(messages)
+    producer.flush()
+    producer.close()
+
+    settings = load_settings(
+        {
+            "topic": [topics["frames"]], "model": str(tiny_bundle),
+            "bootstrap_servers": kafka_broker.bootstrap_servers, "group_id": f"g-{run_id}",
+            "alert_topic": topics["alerts"], "dlq_topic": topics["dlq"],
+            "scores_topic": topics["scores"], "from_beginning": True, "batch_size": 16,
+            "alarm_rate": 0.1, **TANSU,
+        },
+        {},
+    )  # fmt: skip
+    seen_alerts = []
+    monitor = StreamMonitor(settings, detector=det, on_alert=seen_alerts.append)
+    stats = monitor.run(threading.Event(), idle_exit_s=4.0)
+    n_frames = 30 + 5 + 4
+    assert stats.messages == sent and stats.frames == n_frames and stats.dead_letters == 1
+
+    scores = [json.loads(m.value) for m in _read_all(kafka_broker, topics["scores"], n_frames)]
+    assert len(scores) == n_frames
+    positions = {
+        (s["source"]["partition"], s["source"]["offset"], s["source"]["frame_index"])
+        for s in scores
+    }
+    assert len(positions) == n_frames  # every frame once
+    assert sorted(s["source"]["frame_index"] for s in scores if s["source"]["key"] == "batch") == [
+        0,
+        1,
+        2,
+        3,
+    ]
+    broken = [s for s in scores if s["source"]["key_encoding"] == "base64"]
+    assert len(broken) == 5 and all(s["flagged"] for s in broken)  # noise is far from Fashion-MNIST
+
+    alerts = [json.loads(m.value) for m in _read_all(kafka_broker, topics["alerts"], stats.alerts)]
+    assert len(alerts) == stats.alerts == sum(s["flagged"] for s in scores) == len(seen_alerts)
+    assert all(a["p_value"] < 0.1 and a["alarm_rate"] == 0.1 for a in alerts)
+    assert all(a["model"]["hash"] == det.hash for a in alerts)
+
+    (dead,) = _read_all(kafka_broker, topics["dlq"], 1)
+    assert dead.key == b"bad" and dead.value == b"not an image"
+    headers = dict(dead.headers)
+    assert headers["content-type"] == b"image/png"
+    assert headers["sdns-error-class"] == b"FrameError"
+    assert headers["sdns-source-topic"] == topics["frames"].encode()
+
+    # Everything was committed: the group has nothing left to read.
+    again = StreamMonitor(settings, detector=det).run(threading.Event(), idle_exit_s=3.0)
+    assert again.messages == 0
+
+
+@pytest.mark.integration
+def test_cli_run_stops_cleanly_on_sigterm(
+    kafka_broker: Broker, tiny_bundle: Path, fashion_test: np.ndarray
+) -> None:
+    run_id = uuid.uuid4().hex[:8]
+    frames_topic, alerts_topic = f"frames-{run_id}", f"alerts-{run_id}"
+    admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap_servers)
+    admin.create_topics([NewTopic(t, 1, 1) for t in (frames_topic, alerts_topic)])
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap_servers)
+    noise = np.random.default_rng(1).integers(0, 256, (3, 16, 16, 1), dtype=np.uint8)
+    for image in noise:
+        producer.send(frames_topic, key=b"cam", value=_png(image))
+    producer.flush()
+    producer.close()
+    env = {
+        **os.environ,
+        "SDNS_BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers,
+        "SDNS_SESSION_TIMEOUT_MS": "6000",
+        "SDNS_HEARTBEAT_INTERVAL_MS": "1000",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdns_monitor.cli", "run", "--topic", frames_topic,
+         "--model", str(tiny_bundle), "--alert-topic", alerts_topic, "--from-beginning",
+         "--alarm-rate", "0.1", "--group-id", f"g-{run_id}"],
+        env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        alerts = _read_all(kafka_broker, alerts_topic, 3, timeout_ms=60000)
+        assert len(alerts) == 3  # the noise frames
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read() if proc.stderr else ""
+        assert "stopped: 3 messages, 3 frames, 3 alerts, 0 dead letters" in err
+    finally:
+        proc.kill()
+
+
+@pytest.mark.integration
+def test_cli_run_bad_configuration_is_exit_2(tiny_bundle: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdns_monitor.cli", "run", "--model", str(tiny_bundle)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    assert "give at least one --topic" in proc.stderr
