@@ -83,14 +83,12 @@ def split_reference(data: ImageSet, cfg: TrainConfig) -> Splits:
 
 
 def load_reference(spec: str, size: int | None) -> ImageSet:
-    """Reference images at `size`; None keeps the native size of fixed-size data sets, and
-    image folders default to 32 px (their files may differ in size)."""
+    """Reference images at `size`; None keeps the native size of fixed-size data sets (fit
+    then squashes non-square ones to their longer side), and image folders default to 32 px
+    (their files may differ in size)."""
     if size is None and parse_spec(spec).name == "folder":
         size = 32
-    data = load_dataset(spec, size=size)
-    if data.images.shape[1] != data.images.shape[2]:
-        data = load_dataset(spec, size=max(data.images.shape[1:3]) if size is None else size)
-    return data
+    return load_dataset(spec, size=size)
 
 
 def fingerprint(images: np.ndarray) -> str:
@@ -174,7 +172,7 @@ def fit(
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
 
     reference = load_reference(data, cfg.data_size)
-    cfg = cfg.with_sizes(reference.images.shape[1])
+    cfg = cfg.with_sizes(max(reference.images.shape[1:3]))
     size, _, _ = cfg.sizes
     channels: Literal[1, 3] = 1 if reference.images.shape[-1] == 1 else 3
     images = prepare_uint8(reference.images, size, channels)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -83,3 +85,21 @@ def test_shifted_validation_leaves_out_the_training_negative() -> None:
     images = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 1), dtype=np.uint8)
     assert len(shifted_validation(images, 0, exclude="rot")) == 10 * (len(VALIDATION_SHIFTS) - 1)
     assert len(shifted_validation(images, 0, exclude="off")) == 10 * len(VALIDATION_SHIFTS)
+
+
+def test_fit_on_non_square_colour_images_writes_a_loadable_bundle(tmp_path: Path) -> None:
+    from sdns_monitor.bundle import load_bundle
+    from sdns_monitor.detector import Detector
+    from trainer.fit import fit
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "r.npz", images=rng.integers(0, 256, (400, 20, 30, 3), dtype=np.uint8))
+    cfg = make_config("quick", steps_per_epoch=2, batch_size=32, aux=[], neg_source="id", width=4)
+    report = fit(f"npz:{tmp_path / 'r.npz'}", tmp_path / "m.sdns", cfg, log=lambda _m: None)
+    assert report is not None and report.bundle == tmp_path / "m.sdns"
+    spec = load_bundle(report.bundle).manifest.input
+    assert (spec.size, spec.model_size, spec.channels) == (30, 30, 3)  # the longer side
+    scores = Detector.load(report.bundle, device="cpu").score(
+        rng.integers(0, 256, (5, 20, 30, 3), dtype=np.uint8)
+    )
+    assert len(scores) == 5 and np.isfinite(scores.scores).all()
