@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from sdns_monitor.bundle import load_bundle
 from sdns_monitor.data import ImageSet
+from sdns_monitor.detector import Detector
 from sdns_monitor.errors import DataError
 from sdns_monitor.index import ReferenceIndex
 from trainer.config import make_config
@@ -16,6 +18,7 @@ from trainer.fit import (
     K_CANDIDATES,
     VALIDATION_SHIFTS,
     choose_k,
+    fit,
     shifted_validation,
     split_reference,
 )
@@ -88,10 +91,6 @@ def test_shifted_validation_leaves_out_the_training_negative() -> None:
 
 
 def test_fit_on_non_square_colour_images_writes_a_loadable_bundle(tmp_path: Path) -> None:
-    from sdns_monitor.bundle import load_bundle
-    from sdns_monitor.detector import Detector
-    from trainer.fit import fit
-
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "r.npz", images=rng.integers(0, 256, (400, 20, 30, 3), dtype=np.uint8))
     cfg = make_config("quick", steps_per_epoch=2, batch_size=32, aux=[], neg_source="id", width=4)
