@@ -311,8 +311,9 @@ def run(
     )
     stats = monitor.run(stop)
     typer.echo(
-        f"stopped: {stats.messages} messages, {stats.frames} frames, {stats.alerts} alerts, "
-        f"{stats.dead_letters} dead letters, {stats.frames_per_second():.1f} frames/s",
+        f"stopped: {stats.messages} messages, {stats.frames} frames, {stats.flagged} flagged, "
+        f"{stats.alerts} alerts, {stats.dead_letters} dead letters, "
+        f"{stats.frames_per_second():.1f} frames/s",
         err=True,
     )
 

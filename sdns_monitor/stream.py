@@ -10,6 +10,7 @@ hot reload, rebalance hooks, a pipelined decoder).
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
@@ -22,6 +23,7 @@ import numpy as np
 from sdns_monitor.detector import Detector
 from sdns_monitor.errors import FrameError, SdnsError
 from sdns_monitor.frames import decode_bytes
+from sdns_monitor.incidents import IncidentTracker
 from sdns_monitor.records import (
     Alert,
     ModelRef,
@@ -43,7 +45,9 @@ class OutputError(SdnsError):
 class StreamStats:
     messages: int = 0
     frames: int = 0
-    alerts: int = 0
+    alerts: int = 0  # alerts sent (flagged frames inside an incident's cooldown send none)
+    flagged: int = 0
+    incidents_closed: int = 0
     dead_letters: int = 0
     batches: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -77,6 +81,7 @@ class StreamMonitor:
         self.on_alert = on_alert
         self.stats = StreamStats()
         self.model_ref = ModelRef(hash=self.detector.hash, name=self.detector.name)
+        self.incidents = IncidentTracker(settings.incident_window_s, settings.incident_cooldown_s)
 
     # ------------------------------------------------------------------ clients
     def _consumer(self) -> Any:
@@ -124,6 +129,8 @@ class StreamMonitor:
                 )
                 messages = [m for batch in polled.values() for m in batch]
                 if not messages:
+                    if self.incidents.open_count:
+                        self._close_incidents(producer)  # a quiet stream still closes them
                     if idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s:
                         break
                     continue
@@ -151,6 +158,7 @@ class StreamMonitor:
                 futures.append(self._dead_letter(producer, m, exc, Source(**base)))
         if frames:
             futures.extend(self._score(frames, producer))
+        futures.extend(self._close_incidents(producer, flush=False))
         producer.flush()
         failed = [f for f in futures if f.failed()]
         if failed:
@@ -208,6 +216,12 @@ class StreamMonitor:
                     producer.send(s.scores_topic, key=key, value=record.model_dump_json().encode())
                 )
             if result.flags[i]:
+                self.stats.flagged += 1
+                incident, send = self.incidents.flagged(
+                    frame.source.key, frame.source.key_encoding, now_ms
+                )
+                if not send:
+                    continue
                 alert = Alert(
                     source=frame.source,
                     score=float(result.scores[i]),
@@ -216,6 +230,7 @@ class StreamMonitor:
                     threshold=result.threshold,
                     model=self.model_ref,
                     detected_at_ms=now_ms,
+                    incident=incident,
                 )
                 self.stats.alerts += 1
                 futures.append(
@@ -224,3 +239,28 @@ class StreamMonitor:
                 if self.on_alert is not None:
                     self.on_alert(alert)
         return futures
+
+    def _close_incidents(self, producer: Any, flush: bool = True) -> list[Any]:
+        """Send a closing record for every incident whose key has been quiet for a window."""
+        futures = []
+        for closed in self.incidents.expire(int(time.time() * 1000)):
+            self.stats.incidents_closed += 1
+            log.info(
+                "incident %s closed after %d flagged frames", closed.incident_id, closed.frames
+            )
+            key = None if closed.key is None else _raw_key(closed.key, closed.key_encoding)
+            futures.append(
+                producer.send(
+                    self.settings.alert_topic, key=key, value=closed.model_dump_json().encode()
+                )
+            )
+        if flush and futures:
+            producer.flush()
+            failed = [f for f in futures if f.failed()]
+            if failed:
+                raise OutputError(f"incident closing records not delivered ({failed[0].exception})")
+        return futures
+
+
+def _raw_key(key: str, encoding: str | None) -> bytes:
+    return base64.b64decode(key) if encoding == "base64" else key.encode("utf-8")

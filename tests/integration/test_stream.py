@@ -81,7 +81,7 @@ def test_monitor_scores_every_frame_alerts_and_dead_letters(
             "bootstrap_servers": kafka_broker.bootstrap_servers, "group_id": f"g-{run_id}",
             "alert_topic": topics["alerts"], "dlq_topic": topics["dlq"],
             "scores_topic": topics["scores"], "from_beginning": True, "batch_size": 16,
-            "alarm_rate": 0.1, **TANSU,
+            "alarm_rate": 0.1, "incident_cooldown_s": 0, **TANSU,
         },
         {},
     )  # fmt: skip
@@ -108,7 +108,9 @@ def test_monitor_scores_every_frame_alerts_and_dead_letters(
     assert len(broken) == 5 and all(s["flagged"] for s in broken)  # noise is far from Fashion-MNIST
 
     alerts = [json.loads(m.value) for m in _read_all(kafka_broker, topics["alerts"], stats.alerts)]
+    # With no cooldown every flagged frame is an alert, each inside its key's incident.
     assert len(alerts) == stats.alerts == sum(s["flagged"] for s in scores) == len(seen_alerts)
+    assert all(a["incident"]["id"].startswith(f"{a['source']['key']}@") for a in alerts)
     assert all(a["p_value"] < 0.1 and a["alarm_rate"] == 0.1 for a in alerts)
     assert all(a["model"]["hash"] == det.hash for a in alerts)
 
@@ -153,13 +155,14 @@ def test_cli_run_stops_cleanly_on_sigterm(
         env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        alerts = _read_all(kafka_broker, alerts_topic, 3, timeout_ms=60000)
-        assert len(alerts) == 3  # the noise frames
+        alerts = _read_all(kafka_broker, alerts_topic, 1, timeout_ms=60000)
+        assert len(alerts) == 1  # three noise frames of one camera: one incident, one alert
+        assert json.loads(alerts[0].value)["incident"]["frames"] == 1
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         err = proc.stderr.read() if proc.stderr else ""
-        assert "stopped: 3 messages, 3 frames, 3 alerts, 0 dead letters" in err
+        assert "stopped: 3 messages, 3 frames, 3 flagged, 1 alerts, 0 dead letters" in err
     finally:
         proc.kill()
 
@@ -173,3 +176,35 @@ def test_cli_run_bad_configuration_is_exit_2(tiny_bundle: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
     assert "give at least one --topic" in proc.stderr
+
+
+@pytest.mark.integration
+def test_a_broken_camera_is_one_incident_that_closes(
+    kafka_broker: Broker, tiny_bundle: Path, det: Detector
+) -> None:
+    run_id = uuid.uuid4().hex[:8]
+    frames_topic, alerts_topic = f"frames-{run_id}", f"alerts-{run_id}"
+    admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap_servers)
+    admin.create_topics([NewTopic(t, 1, 1) for t in (frames_topic, alerts_topic)])
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap_servers)
+    for image in np.random.default_rng(2).integers(0, 256, (6, 16, 16, 1), dtype=np.uint8):
+        producer.send(frames_topic, key=b"cam7", value=_png(image))
+    producer.flush()
+    producer.close()
+    settings = load_settings(
+        {
+            "topic": [frames_topic], "model": str(tiny_bundle), "alert_topic": alerts_topic,
+            "bootstrap_servers": kafka_broker.bootstrap_servers, "group_id": f"g-{run_id}",
+            "from_beginning": True, "alarm_rate": 0.1, "incident_window_s": 1.0,
+            "incident_cooldown_s": 300, **TANSU,
+        },
+        {},
+    )  # fmt: skip
+    stats = StreamMonitor(settings, detector=det).run(threading.Event(), idle_exit_s=4.0)
+    assert (stats.frames, stats.flagged, stats.alerts, stats.incidents_closed) == (6, 6, 1, 1)
+    records = [json.loads(m.value) for m in _read_all(kafka_broker, alerts_topic, 2)]
+    assert [r["kind"] for r in records] == ["alert", "incident-closed"]
+    alert, closed = records
+    assert closed["incident_id"] == alert["incident"]["id"] and closed["key"] == "cam7"
+    assert (closed["frames"], closed["alerts"]) == (6, 1)
