@@ -33,6 +33,23 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _noise_camera(broker: Broker, key: bytes, n: int, seed: int) -> tuple[str, str, str]:
+    """New one-partition frames and alerts topics; `n` noise PNG frames of camera `key`.
+
+    Returns (run id, frames topic, alerts topic)."""
+    run_id = uuid.uuid4().hex[:8]
+    frames_topic, alerts_topic = f"frames-{run_id}", f"alerts-{run_id}"
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
+    admin.create_topics([NewTopic(t, 1, 1) for t in (frames_topic, alerts_topic)])
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+    for image in np.random.default_rng(seed).integers(0, 256, (n, 16, 16, 1), dtype=np.uint8):
+        producer.send(frames_topic, key=key, value=_png(image))
+    producer.flush()
+    producer.close()
+    return run_id, frames_topic, alerts_topic
+
+
 def _read_all(broker: Broker, topic: str, expect: int, timeout_ms: int = 8000) -> list:
     consumer = KafkaConsumer(
         topic, bootstrap_servers=broker.bootstrap_servers, auto_offset_reset="earliest",
@@ -130,17 +147,7 @@ def test_monitor_scores_every_frame_alerts_and_dead_letters(
 def test_cli_run_stops_cleanly_on_sigterm(
     kafka_broker: Broker, tiny_bundle: Path, fashion_test: np.ndarray
 ) -> None:
-    run_id = uuid.uuid4().hex[:8]
-    frames_topic, alerts_topic = f"frames-{run_id}", f"alerts-{run_id}"
-    admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap_servers)
-    admin.create_topics([NewTopic(t, 1, 1) for t in (frames_topic, alerts_topic)])
-    admin.close()
-    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap_servers)
-    noise = np.random.default_rng(1).integers(0, 256, (3, 16, 16, 1), dtype=np.uint8)
-    for image in noise:
-        producer.send(frames_topic, key=b"cam", value=_png(image))
-    producer.flush()
-    producer.close()
+    run_id, frames_topic, alerts_topic = _noise_camera(kafka_broker, b"cam", 3, seed=1)
     env = {
         **os.environ,
         "SDNS_BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers,
@@ -182,16 +189,7 @@ def test_cli_run_bad_configuration_is_exit_2(tiny_bundle: Path) -> None:
 def test_a_broken_camera_is_one_incident_that_closes(
     kafka_broker: Broker, tiny_bundle: Path, det: Detector
 ) -> None:
-    run_id = uuid.uuid4().hex[:8]
-    frames_topic, alerts_topic = f"frames-{run_id}", f"alerts-{run_id}"
-    admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap_servers)
-    admin.create_topics([NewTopic(t, 1, 1) for t in (frames_topic, alerts_topic)])
-    admin.close()
-    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap_servers)
-    for image in np.random.default_rng(2).integers(0, 256, (6, 16, 16, 1), dtype=np.uint8):
-        producer.send(frames_topic, key=b"cam7", value=_png(image))
-    producer.flush()
-    producer.close()
+    run_id, frames_topic, alerts_topic = _noise_camera(kafka_broker, b"cam7", 6, seed=2)
     settings = load_settings(
         {
             "topic": [frames_topic], "model": str(tiny_bundle), "alert_topic": alerts_topic,
