@@ -276,13 +276,34 @@ def run(
         bool | None,
         typer.Option("--from-beginning", help="Start a new group at the earliest offsets"),
     ] = None,
-    max_frame_bytes: Annotated[int | None, typer.Option()] = None,
+    max_frame_bytes: Annotated[
+        int | None, typer.Option(help="Larger messages go to the dead-letter topic")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Where engine caches go")] = None,
+    metrics_host: Annotated[
+        str | None, typer.Option(help="Address of /metrics, /healthz, /readyz")
+    ] = None,
+    metrics_port: Annotated[
+        str | None, typer.Option(help="Port of /metrics (default 9108; 0: any free; off)")
+    ] = None,
+    incident_window_s: Annotated[
+        float | None, typer.Option(help="Quiet seconds that close a camera's incident")
+    ] = None,
+    incident_cooldown_s: Annotated[
+        float | None, typer.Option(help="Seconds between alerts of one incident")
+    ] = None,
+    reload_check_s: Annotated[
+        float | None, typer.Option(help="How often to look for a changed bundle (0: never)")
+    ] = None,
     session_timeout_ms: Annotated[int | None, typer.Option()] = None,
     heartbeat_interval_ms: Annotated[int | None, typer.Option()] = None,
     security_protocol: Annotated[str | None, typer.Option()] = None,
     sasl_mechanism: Annotated[str | None, typer.Option()] = None,
     sasl_plain_username: Annotated[str | None, typer.Option()] = None,
     ssl_cafile: Annotated[Path | None, typer.Option()] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option()] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option()] = None,
 ) -> None:
     """Watch Kafka topics of image frames; publish an alert for every out-of-distribution frame.
 
@@ -293,29 +314,25 @@ def run(
     import logging
     import os
     import signal
-    import threading
 
     from sdns_monitor.settings import load_settings
     from sdns_monitor.stream import StreamMonitor
 
     settings = load_settings(given, os.environ, config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO lines are per connection
     monitor = StreamMonitor(settings)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: monitor.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: monitor.reload())
     watched = settings.topic_pattern or ", ".join(settings.topic)
     typer.echo(
-        f"watching {watched} on {settings.bootstrap_servers} with model {monitor.detector.name}",
+        f"watching {watched} on {settings.bootstrap_servers} with model {monitor.detector.name} "
+        f"({monitor.detector.hash[:12]}); SIGHUP reloads the model, SIGTERM stops",
         err=True,
     )
-    stats = monitor.run(stop)
-    typer.echo(
-        f"stopped: {stats.messages} messages, {stats.frames} frames, {stats.flagged} flagged, "
-        f"{stats.alerts} alerts, {stats.dead_letters} dead letters, "
-        f"{stats.frames_per_second():.1f} frames/s",
-        err=True,
-    )
+    stats = monitor.run()
+    typer.echo(f"stopped: {stats.summary()}", err=True)
 
 
 @app.command()

@@ -9,7 +9,7 @@ still appear in the scores topic and the metrics). When a key has had no flagged
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sdns_monitor.records import IncidentClosed, IncidentRef
 
@@ -37,6 +37,14 @@ class IncidentTracker:
     @property
     def open_count(self) -> int:
         return len(self._open)
+
+    def snapshot(self) -> dict[str | None, _Open]:
+        """A copy of the state, for `restore` when a batch's outputs were not delivered."""
+        return {key: replace(inc) for key, inc in self._open.items()}
+
+    def restore(self, snapshot: dict[str | None, _Open]) -> None:
+        """Forget what happened since `snapshot` (the batch will be scored again)."""
+        self._open = snapshot
 
     def flagged(
         self, key: str | None, key_encoding: str | None, now_ms: int

@@ -14,7 +14,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sdns_monitor.errors import ConfigError, first_problem
 
@@ -87,12 +95,19 @@ class RunSettings(BaseModel):
     max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1)
     cache_dir: Path | None = None
     metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = Field(9108, ge=0, le=65535)  # None disables; 0 picks a free port
+    metrics_port: int | None = Field(9108, ge=0, le=65535)  # "off" disables; 0 picks a free port
     session_timeout_ms: int = Field(45_000, ge=1000)  # Kafka's defaults; Tansu wants 6000 / 1000
     heartbeat_interval_ms: int = Field(3_000, ge=100)
     incident_window_s: float = Field(60.0, gt=0)
     incident_cooldown_s: float = Field(300.0, ge=0)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N (checked when the model loads)
+    reload_check_s: float = Field(10.0, ge=0)  # how often to look for a changed bundle; 0: never
     security: KafkaSecurity = Field(default_factory=KafkaSecurity)
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _port_off(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.lower() in ("off", "none", "") else value
 
     @model_validator(mode="after")
     def _consistent(self) -> RunSettings:

@@ -1,21 +1,34 @@
 """`StreamMonitor`: the consume -> decode -> score -> produce -> commit loop of `run`.
 
-At-least-once: the offsets of a polled batch are committed only after every alert, score and
-dead-letter record it caused has been acknowledged by the broker. A frame that cannot be
-decoded goes to the dead-letter topic with the reason; it never stops the stream.
+At-least-once: the offsets of a micro-batch are committed only after every alert, score and
+dead-letter record it caused has been acknowledged by the broker. When outputs cannot be
+delivered (a missing topic, a broker outage), nothing is committed: the consumer seeks back to
+the batch's first offsets and tries again after a backoff (0.5 s doubling to 30 s), so memory
+stays bounded by one batch and nothing is lost. A frame that cannot be decoded goes to the
+dead-letter topic with the reason; it never stops the stream.
 
-This is the first, sequential version of the loop (issue 3 continues it: incidents, metrics,
-hot reload, rebalance hooks, a pipelined decoder).
+Counters, metrics and `on_alert` callbacks see a batch only once it was delivered, so a retried
+batch is not counted twice. Incident state is rolled back with a failed batch for the same
+reason: the retried batch sends the alerts the failed one could not.
+
+Hot reload: `reload()` (SIGHUP in `run`), or a change of the bundle at the model path, loads
+the new bundle on a background thread while the loop goes on; it is swapped in between
+batches, so the batch in flight finishes on the old model. A bundle that fails to load is
+logged and the old model stays.
 """
 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import logging
+import os
 import threading
 import time
+from collections import Counter as Tally
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +37,7 @@ from sdns_monitor.detector import Detector
 from sdns_monitor.errors import FrameError, SdnsError
 from sdns_monitor.frames import decode_bytes
 from sdns_monitor.incidents import IncidentTracker
+from sdns_monitor.metrics import HealthServer, Metrics
 from sdns_monitor.records import (
     Alert,
     ModelRef,
@@ -35,6 +49,10 @@ from sdns_monitor.records import (
 from sdns_monitor.settings import RunSettings
 
 log = logging.getLogger("sdns_monitor.stream")
+
+IDLE_POLL_MS = 500  # how long an empty poll waits before the loop looks around again
+BACKOFF_S = (0.5, 30.0)  # first and longest wait between delivery retries
+STALL_S = 300.0  # /healthz fails when the loop has not come round for this long
 
 
 class OutputError(SdnsError):
@@ -50,10 +68,19 @@ class StreamStats:
     incidents_closed: int = 0
     dead_letters: int = 0
     batches: int = 0
+    output_failures: int = 0  # batches retried because outputs were not acknowledged
+    reloads: int = 0
     started: float = field(default_factory=time.monotonic)
 
     def frames_per_second(self) -> float:
         return self.frames / max(time.monotonic() - self.started, 1e-9)
+
+    def summary(self) -> str:
+        return (
+            f"{self.messages} messages, {self.frames} frames, {self.flagged} flagged, "
+            f"{self.alerts} alerts, {self.dead_letters} dead letters, "
+            f"{self.frames_per_second():.1f} frames/s"
+        )
 
 
 @dataclass
@@ -63,11 +90,31 @@ class _Frame:
     image: np.ndarray  # uint8 1 x S x S x C, prepared for the encoder
 
 
+@dataclass
+class _Batch:
+    """What one micro-batch did; applied to stats, metrics and callbacks once delivered."""
+
+    futures: list[Any] = field(default_factory=list)
+    messages: Tally[str] = field(default_factory=Tally)  # per topic
+    frames: Tally[str] = field(default_factory=Tally)
+    flagged: Tally[str] = field(default_factory=Tally)
+    alerts: list[Alert] = field(default_factory=list)
+    dead_letters: Tally[str] = field(default_factory=Tally)  # per error class
+    incidents_closed: int = 0
+
+
 class StreamMonitor:
     """Watch the configured topics and publish alerts for out-of-distribution frames.
 
-    >>> monitor = StreamMonitor(settings, on_alert=print)
-    >>> monitor.run(stop_event)      # returns when stop_event is set
+    Blocking, as `run` does it:
+
+    >>> StreamMonitor(settings).run()              # until SIGTERM's handler calls stop()
+
+    Embedded in a service:
+
+    >>> monitor = StreamMonitor(settings, on_alert=lambda alert: print(alert.score)).start()
+    >>> ...
+    >>> stats = monitor.stop()                     # finishes the batch in flight, commits
     """
 
     def __init__(
@@ -77,11 +124,84 @@ class StreamMonitor:
         on_alert: Callable[[Alert], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.detector = detector or Detector.load(settings.model)
+        self.detector = detector or Detector.load(settings.model, device=settings.device)
         self.on_alert = on_alert
         self.stats = StreamStats()
+        self.metrics = Metrics()
         self.model_ref = ModelRef(hash=self.detector.hash, name=self.detector.name)
+        self.metrics.set_model(self.detector.name, self.detector.hash)
         self.incidents = IncidentTracker(settings.incident_window_s, settings.incident_cooldown_s)
+        self.health: HealthServer | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._joined = threading.Event()
+        self._output_problem: str | None = None
+        self._last_loop = time.monotonic()
+        self._uncommitted: dict[Any, int] = {}  # partition -> next offset, delivered not committed
+        self._reload_lock = threading.Lock()
+        self._reload_request: Path | None = None
+        self._loading: concurrent.futures.Future[Detector] | None = None
+        self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdns-reload")
+        self._bundle_signature = _signature(settings.model)
+        self._next_reload_check = time.monotonic() + settings.reload_check_s
+        self._log_throttle = _Throttle(10.0)
+
+    # ------------------------------------------------------------------ embedding API
+    def start(self) -> StreamMonitor:
+        """Run the loop on a background thread; returns at once."""
+        if self._thread is not None:
+            raise RuntimeError("this StreamMonitor was already started")
+
+        def target() -> None:
+            try:
+                self.run()
+            except BaseException as exc:  # surfaced by stop()
+                self._error = exc
+                log.error("monitor stopped: %s", exc)
+
+        self._thread = threading.Thread(target=target, name="sdns-monitor", daemon=True)
+        self._thread.start()
+        return self
+
+    def request_stop(self) -> None:
+        """Ask the loop to finish its batch and return (safe in a signal handler)."""
+        self._stop.set()
+
+    def stop(self, timeout: float = 60.0) -> StreamStats:
+        """Finish the batch in flight, commit, leave the group; re-raises a loop failure."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise TimeoutError(f"the monitor did not stop within {timeout:.0f} s")
+        if self._error is not None:
+            raise self._error
+        return self.stats
+
+    def wait_ready(self, timeout: float) -> bool:
+        """True once the consumer has joined its group (the model is loaded already)."""
+        return self._joined.wait(timeout)
+
+    def reload(self, path: str | Path | None = None) -> None:
+        """Load a bundle (default: the configured model path again) and swap it in between
+        batches. Safe to call from a signal handler or another thread."""
+        with self._reload_lock:
+            self._reload_request = Path(path) if path is not None else self.settings.model
+
+    def not_ready(self) -> str | None:
+        """None when ready, else why not (what `/readyz` answers)."""
+        if not self._joined.is_set():
+            return "not ready: the consumer has not joined its group yet"
+        if self._output_problem is not None:
+            return f"not ready: {self._output_problem}"
+        return None
+
+    def not_alive(self) -> str | None:
+        stalled = time.monotonic() - self._last_loop
+        if stalled > STALL_S:
+            return f"not alive: the loop has not come round for {stalled:.0f} s"
+        return None
 
     # ------------------------------------------------------------------ clients
     def _consumer(self) -> Any:
@@ -91,6 +211,7 @@ class StreamMonitor:
         consumer = KafkaConsumer(
             bootstrap_servers=s.bootstrap_servers,
             group_id=s.group_id,
+            client_id=f"sdns-monitor-{os.getpid()}",
             enable_auto_commit=False,
             auto_offset_reset="earliest" if s.from_beginning else "latest",
             session_timeout_ms=s.session_timeout_ms,
@@ -99,10 +220,11 @@ class StreamMonitor:
             fetch_max_bytes=max(s.max_frame_bytes * 2, 50 << 20),
             **s.security.client_options(),
         )
+        listener = _rebalance_listener(self, consumer)
         if s.topic_pattern:
-            consumer.subscribe(pattern=s.topic_pattern)
+            consumer.subscribe(pattern=s.topic_pattern, listener=listener)
         else:
-            consumer.subscribe(topics=s.topic)
+            consumer.subscribe(topics=s.topic, listener=listener)
         return consumer
 
     def _producer(self) -> Any:
@@ -110,65 +232,202 @@ class StreamMonitor:
 
         return KafkaProducer(
             bootstrap_servers=self.settings.bootstrap_servers,
+            client_id=f"sdns-monitor-{os.getpid()}",
             acks="all",
             retries=5,
+            max_block_ms=10_000,  # a missing topic fails the batch (and is retried) in 10 s
+            request_timeout_ms=10_000,
+            delivery_timeout_ms=30_000,
             max_request_size=max(self.settings.max_frame_bytes + 64 * 1024, 1 << 20),
             **self.settings.security.client_options(),
         )
 
     # ------------------------------------------------------------------ loop
-    def run(self, stop: threading.Event, idle_exit_s: float | None = None) -> StreamStats:
-        """Consume until `stop` is set (or nothing arrived for `idle_exit_s` seconds)."""
-        consumer, producer = self._consumer(), self._producer()
-        last_data = time.monotonic()
+    def run(
+        self, stop: threading.Event | None = None, idle_exit_s: float | None = None
+    ) -> StreamStats:
+        """Consume until `stop` (or `self.stop()`) is set, or nothing arrived for `idle_exit_s`."""
+        stop = stop or self._stop
+        s = self.settings
+        if s.metrics_port is not None:
+            self.health = HealthServer(
+                self.metrics, self.not_alive, self.not_ready, s.metrics_host, s.metrics_port
+            ).start()
+        consumer = producer = None
         try:
-            while not stop.is_set():
-                polled = consumer.poll(
-                    timeout_ms=max(self.settings.max_wait_ms, 10),
-                    max_records=self.settings.batch_size,
-                )
-                messages = [m for batch in polled.values() for m in batch]
-                if not messages:
-                    if self.incidents.open_count:
-                        self._close_incidents(producer)  # a quiet stream still closes them
-                    if idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s:
-                        break
-                    continue
-                last_data = time.monotonic()
-                self.process(messages, producer)
-                consumer.commit()  # only after process() saw every record acknowledged
+            consumer, producer = self._consumer(), self._producer()
+            self._loop(consumer, producer, stop, idle_exit_s)
         finally:
-            producer.close(timeout=10)
-            consumer.close()  # leaves the group, so partitions move on at once
+            self._joined.clear()
+            self.metrics.ready.set(0)
+            if producer is not None:
+                producer.close(timeout=10)
+            if consumer is not None:
+                consumer.close()  # leaves the group, so partitions move on at once
+            if self.health is not None:
+                self.health.stop()
+            self._loader.shutdown(wait=False, cancel_futures=True)
         return self.stats
 
-    def process(self, messages: list[Any], producer: Any) -> None:
-        """Score one polled batch and deliver every record it causes (acknowledged)."""
-        frames: list[_Frame] = []
-        futures = []
+    def _loop(
+        self, consumer: Any, producer: Any, stop: threading.Event, idle_exit_s: float | None
+    ) -> None:
+        last_data = time.monotonic()
+        backoff = BACKOFF_S[0]
+        while not stop.is_set():
+            self._last_loop = time.monotonic()
+            self._maybe_reload()
+            messages = self._collect(consumer, stop)
+            self._update_gauges(consumer)
+            if not messages:
+                if self.incidents.open_count:
+                    self._close_quiet_incidents(producer)
+                if idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s:
+                    break
+                continue
+            started = last_data = time.monotonic()
+            try:
+                self.process(messages, producer)
+            except OutputError as exc:
+                self._retry_later(consumer, messages, exc, backoff, stop)
+                backoff = min(backoff * 2, BACKOFF_S[1])
+                continue
+            if self._output_problem is not None:
+                log.info("outputs delivered again; resuming")
+                self._output_problem = None
+            backoff = BACKOFF_S[0]
+            self._commit(consumer, messages)
+            self.metrics.batch_latency.observe(time.monotonic() - started)
+
+    def _collect(self, consumer: Any, stop: threading.Event) -> list[Any]:
+        """A micro-batch: up to `batch_size` messages, waiting at most `max_wait_ms` after the
+        first one arrived. Returns [] when nothing arrived within IDLE_POLL_MS."""
+        s = self.settings
+        out: list[Any] = []
+        deadline: float | None = None
+        while len(out) < s.batch_size and not stop.is_set():
+            if deadline is None:
+                timeout_ms = IDLE_POLL_MS
+            else:
+                timeout_ms = int((deadline - time.monotonic()) * 1000)
+                if timeout_ms <= 0:
+                    break
+            polled = consumer.poll(timeout_ms=timeout_ms, max_records=s.batch_size - len(out))
+            got = [m for batch in polled.values() for m in batch]
+            if got and deadline is None:
+                deadline = time.monotonic() + s.max_wait_ms / 1000
+            elif not got and deadline is None:
+                break
+            out.extend(got)
+        return out
+
+    def _commit(self, consumer: Any, messages: list[Any]) -> None:
+        from kafka import OffsetAndMetadata, TopicPartition
+        from kafka.errors import KafkaError
+
         for m in messages:
-            self.stats.messages += 1
+            tp = TopicPartition(m.topic, m.partition)
+            self._uncommitted[tp] = max(self._uncommitted.get(tp, 0), m.offset + 1)
+        offsets = {tp: OffsetAndMetadata(o, "", -1) for tp, o in self._uncommitted.items()}
+        try:
+            consumer.commit(offsets)
+        except KafkaError as exc:
+            # Delivered but not committed: after a rebalance or restart the batch is scored
+            # again (duplicates, never a loss). The next commit carries these offsets along.
+            log.warning("commit failed (%s); these frames may be scored again", exc)
+            return
+        self._uncommitted.clear()
+
+    def _retry_later(
+        self,
+        consumer: Any,
+        messages: list[Any],
+        exc: OutputError,
+        backoff: float,
+        stop: threading.Event,
+    ) -> None:
+        """Seek back to the batch's first offsets and wait: the batch is consumed again."""
+        from kafka import TopicPartition
+
+        self.stats.output_failures += 1
+        self.metrics.output_failures.inc()
+        self._output_problem = f"outputs not delivered ({exc})"
+        self.metrics.ready.set(0)
+        log.error("%s; offsets not committed, retrying in %.1f s", exc, backoff)
+        first: dict[Any, int] = {}
+        for m in messages:
+            tp = TopicPartition(m.topic, m.partition)
+            first[tp] = min(first.get(tp, m.offset), m.offset)
+        assigned = consumer.assignment()
+        for tp, offset in first.items():
+            if tp in assigned:  # a revoked partition is its new owner's to redo
+                consumer.seek(tp, offset)
+        stop.wait(backoff)
+
+    def _update_gauges(self, consumer: Any) -> None:
+        lag: Tally[str] = Tally()
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is None:
+                continue
+            try:
+                position = consumer.position(tp, timeout_ms=100)
+            except Exception:  # not known yet (no fetch so far): no figure rather than a stall
+                continue
+            if position is not None:
+                lag[tp.topic] += max(high - position, 0)
+        for topic, value in lag.items():
+            self.metrics.consumer_lag.labels(topic=topic).set(value)
+        self.metrics.incidents_open.set(self.incidents.open_count)
+        self.metrics.ready.set(0 if self.not_ready() else 1)
+
+    # ------------------------------------------------------------------ one batch
+    def process(self, messages: list[Any], producer: Any) -> None:
+        """Score one micro-batch and deliver every record it causes (acknowledged), or raise
+        OutputError having changed nothing but the broker's topics."""
+        from kafka.errors import KafkaError
+
+        detector = self.detector  # a reload swaps self.detector only between batches
+        snapshot = self.incidents.snapshot()
+        batch = _Batch()
+        try:
+            frames = self._decode_all(messages, detector, producer, batch)
+            if frames:
+                self._score(frames, detector, producer, batch)
+            self._close_incidents(producer, batch)
+            producer.flush()
+        except KafkaError as exc:  # raised by send() itself: e.g. no metadata for a topic
+            self.incidents.restore(snapshot)
+            raise OutputError(f"{type(exc).__name__}: {exc}") from exc
+        failed = [f for f in batch.futures if f.failed()]
+        if failed:
+            self.incidents.restore(snapshot)
+            raise OutputError(
+                f"{len(failed)} of {len(batch.futures)} records were not delivered "
+                f"({failed[0].exception})"
+            )
+        self._apply(batch)
+
+    def _decode_all(
+        self, messages: list[Any], detector: Detector, producer: Any, batch: _Batch
+    ) -> list[_Frame]:
+        frames: list[_Frame] = []
+        for m in messages:
+            batch.messages[m.topic] += 1
             key, key_encoding = encode_key(m.key)
             base = dict(topic=m.topic, partition=m.partition, offset=m.offset, key=key,
                         key_encoding=key_encoding, timestamp_ms=m.timestamp)  # fmt: skip
             try:
-                for i, image in enumerate(self._decode(m)):
-                    frames.append(_Frame(Source(**base, frame_index=i), m.key, image))
+                images = detector.prepare(self._decode(m))
             except FrameError as exc:
-                futures.append(self._dead_letter(producer, m, exc, Source(**base)))
-        if frames:
-            futures.extend(self._score(frames, producer))
-        futures.extend(self._close_incidents(producer, flush=False))
-        producer.flush()
-        failed = [f for f in futures if f.failed()]
-        if failed:
-            raise OutputError(
-                f"{len(failed)} of {len(futures)} records were not delivered "
-                f"({failed[0].exception}); offsets not committed"
-            )
-        self.stats.batches += 1
+                batch.futures.append(self._dead_letter(producer, m, exc, Source(**base)))
+                batch.dead_letters[type(exc).__name__] += 1
+                continue
+            for i in range(images.shape[0]):
+                frames.append(_Frame(Source(**base, frame_index=i), m.key, images[i : i + 1]))
+        return frames
 
-    def _decode(self, message: Any) -> list[np.ndarray]:
+    def _decode(self, message: Any) -> np.ndarray:
         value = message.value
         if value is None or len(value) == 0:
             raise FrameError("empty message value: send encoded image bytes or an .npy array")
@@ -179,12 +438,16 @@ class StreamMonitor:
             )
         headers = dict(message.headers or [])
         content_type = headers.get("content-type")
-        frames = decode_bytes(value, content_type.decode("latin-1") if content_type else None)
-        return [self.detector.prepare(frames[i : i + 1]) for i in range(frames.shape[0])]
+        return decode_bytes(value, content_type.decode("latin-1") if content_type else None)
 
     def _dead_letter(self, producer: Any, message: Any, exc: BaseException, source: Source) -> Any:
-        self.stats.dead_letters += 1
-        log.warning("dead letter %s[%d]@%d: %s", source.topic, source.partition, source.offset, exc)
+        if self._log_throttle.ready(type(exc).__name__):
+            suppressed = self._log_throttle.take_suppressed(type(exc).__name__)
+            more = f" (and {suppressed} more like it)" if suppressed else ""
+            log.warning(
+                "dead letter %s[%d]@%d: %s%s",
+                source.topic, source.partition, source.offset, exc, more,
+            )  # fmt: skip
         value = message.value
         if value is not None and len(value) > self.settings.max_frame_bytes:
             value = None  # too large for the producer: the headers still say where it was
@@ -195,71 +458,192 @@ class StreamMonitor:
             headers=dead_letter_headers(list(message.headers or []), exc, source),
         )
 
-    def _score(self, frames: list[_Frame], producer: Any) -> list[Any]:
-        det, s = self.detector, self.settings
-        scores = det.anomaly_scores(np.concatenate([f.image for f in frames]))
-        result = det.result(scores, alarm_rate=s.alarm_rate, threshold=s.threshold)
+    def _score(
+        self, frames: list[_Frame], detector: Detector, producer: Any, batch: _Batch
+    ) -> None:
+        s = self.settings
+        model = ModelRef(hash=detector.hash, name=detector.name)
+        scores = detector.anomaly_scores(np.concatenate([f.image for f in frames]))
+        result = detector.result(scores, alarm_rate=s.alarm_rate, threshold=s.threshold)
         now_ms = int(time.time() * 1000)
-        futures = []
         for i, frame in enumerate(frames):
-            self.stats.frames += 1
-            key = frame.key
+            topic = frame.source.topic
+            batch.frames[topic] += 1
+            score, p_value = float(result.scores[i]), float(result.p_values[i])
             if s.scores_topic:
-                record = ScoreRecord(
-                    source=frame.source,
-                    score=float(result.scores[i]),
-                    p_value=float(result.p_values[i]),
-                    flagged=bool(result.flags[i]),
-                    model=self.model_ref,
+                record = ScoreRecord(source=frame.source, score=score, p_value=p_value,
+                                     flagged=bool(result.flags[i]), model=model)  # fmt: skip
+                batch.futures.append(
+                    producer.send(s.scores_topic, key=frame.key, value=_json(record))
                 )
-                futures.append(
-                    producer.send(s.scores_topic, key=key, value=record.model_dump_json().encode())
-                )
-            if result.flags[i]:
-                self.stats.flagged += 1
-                incident, send = self.incidents.flagged(
-                    frame.source.key, frame.source.key_encoding, now_ms
-                )
-                if not send:
-                    continue
-                alert = Alert(
-                    source=frame.source,
-                    score=float(result.scores[i]),
-                    p_value=float(result.p_values[i]),
-                    alarm_rate=result.alarm_rate,
-                    threshold=result.threshold,
-                    model=self.model_ref,
-                    detected_at_ms=now_ms,
-                    incident=incident,
-                )
-                self.stats.alerts += 1
-                futures.append(
-                    producer.send(s.alert_topic, key=key, value=alert.model_dump_json().encode())
-                )
-                if self.on_alert is not None:
-                    self.on_alert(alert)
-        return futures
+            if not result.flags[i]:
+                continue
+            batch.flagged[topic] += 1
+            incident, send = self.incidents.flagged(
+                frame.source.key, frame.source.key_encoding, now_ms
+            )
+            if not send:
+                continue
+            alert = Alert(source=frame.source, score=score, p_value=p_value,
+                          alarm_rate=result.alarm_rate, threshold=result.threshold, model=model,
+                          detected_at_ms=now_ms, incident=incident)  # fmt: skip
+            batch.alerts.append(alert)
+            batch.futures.append(producer.send(s.alert_topic, key=frame.key, value=_json(alert)))
 
-    def _close_incidents(self, producer: Any, flush: bool = True) -> list[Any]:
+    def _close_incidents(self, producer: Any, batch: _Batch) -> None:
         """Send a closing record for every incident whose key has been quiet for a window."""
-        futures = []
         for closed in self.incidents.expire(int(time.time() * 1000)):
-            self.stats.incidents_closed += 1
+            batch.incidents_closed += 1
             log.info(
                 "incident %s closed after %d flagged frames", closed.incident_id, closed.frames
             )
             key = None if closed.key is None else _raw_key(closed.key, closed.key_encoding)
-            futures.append(
-                producer.send(
-                    self.settings.alert_topic, key=key, value=closed.model_dump_json().encode()
-                )
+            batch.futures.append(
+                producer.send(self.settings.alert_topic, key=key, value=_json(closed))
             )
-        if flush and futures:
-            producer.flush()
-            failed = [f for f in futures if f.failed()]
-            if failed:
-                raise OutputError(f"incident closing records not delivered ({failed[0].exception})")
-        return futures
+
+    def _close_quiet_incidents(self, producer: Any) -> None:
+        """On an idle stream: close quiet incidents on their own (retried on the next round)."""
+        try:
+            self.process([], producer)
+        except OutputError as exc:
+            log.error("%s; will try again", exc)
+
+    def _apply(self, batch: _Batch) -> None:
+        st, m = self.stats, self.metrics
+        st.messages += sum(batch.messages.values())
+        st.frames += sum(batch.frames.values())
+        st.flagged += sum(batch.flagged.values())
+        st.alerts += len(batch.alerts)
+        st.dead_letters += sum(batch.dead_letters.values())
+        st.incidents_closed += batch.incidents_closed
+        if batch.messages:
+            st.batches += 1
+        for topic, n in batch.messages.items():
+            m.messages.labels(topic=topic).inc(n)
+        for topic, n in batch.frames.items():
+            m.frames.labels(topic=topic).inc(n)
+        for topic, n in batch.flagged.items():
+            m.flagged.labels(topic=topic).inc(n)
+        for alert in batch.alerts:
+            m.alerts.labels(topic=alert.source.topic).inc()
+        for reason, n in batch.dead_letters.items():
+            m.dead_letters.labels(reason=reason).inc(n)
+        m.scored(sum(batch.frames.values()))
+        if self.on_alert is not None:
+            for alert in batch.alerts:
+                try:
+                    self.on_alert(alert)
+                except Exception:  # a callback's bug must not stop the stream
+                    log.exception("on_alert callback failed")
+
+    # ------------------------------------------------------------------ hot reload
+    def _maybe_reload(self) -> None:
+        s = self.settings
+        if s.reload_check_s > 0 and time.monotonic() >= self._next_reload_check:
+            self._next_reload_check = time.monotonic() + s.reload_check_s
+            signature = _signature(s.model)
+            if signature != self._bundle_signature and signature is not None:
+                log.info("the bundle at %s changed; reloading", s.model)
+                self._bundle_signature = signature
+                self.reload()
+        with self._reload_lock:
+            request, self._reload_request = self._reload_request, None
+        if request is not None and self._loading is None:
+            self._loading = self._loader.submit(Detector.load, request, device=s.device)
+        elif request is not None:  # one load at a time: ask again once this one is done
+            self.reload(request)
+        if self._loading is None or not self._loading.done():
+            return
+        loading, self._loading = self._loading, None
+        try:
+            new = loading.result()
+        except (SdnsError, OSError) as exc:
+            self.metrics.reloads.labels(result="failed").inc()
+            log.error("reload failed, keeping model %s: %s", self.detector.hash[:12], exc)
+            return
+        old, self.detector = self.detector, new
+        self.model_ref = ModelRef(hash=new.hash, name=new.name)
+        self.metrics.set_model(new.name, new.hash)
+        self.metrics.reloads.labels(result="ok").inc()
+        self.stats.reloads += 1
+        log.info("model reloaded: %s %s -> %s", new.name, old.hash[:12], new.hash[:12])
+
+
+def _rebalance_listener(monitor: StreamMonitor, consumer: Any) -> Any:
+    """Readiness on join; on revocation, commit what was delivered but not yet committed."""
+    from kafka import ConsumerRebalanceListener, OffsetAndMetadata
+
+    class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+        # Runs on kafka-python's IO thread, where a blocking commit() is refused: the commit is
+        # queued asynchronously, ahead of the group rejoin on the same connection. In the
+        # sequential loop every delivered batch is committed before the next poll, so this
+        # only matters after a commit failed.
+        def on_partitions_revoked(self, revoked: set[Any]) -> None:
+            pending = {tp: o for tp, o in monitor._uncommitted.items() if tp in revoked}
+            if pending:
+                offsets = {tp: OffsetAndMetadata(o, "", -1) for tp, o in pending.items()}
+                consumer.commit_async(offsets, callback=_log_commit_failure)
+            for tp in revoked:
+                monitor._uncommitted.pop(tp, None)
+            if revoked:
+                log.info("partitions revoked: %s", _partitions(revoked))
+
+        def on_partitions_assigned(self, assigned: set[Any]) -> None:
+            monitor._joined.set()
+            monitor.metrics.assigned_partitions.set(len(consumer.assignment()))
+            log.info("joined group %s; assigned %s", monitor.settings.group_id,
+                     _partitions(assigned) or "no partitions")  # fmt: skip
+
+        def on_partitions_lost(self, lost: set[Any]) -> None:
+            for tp in lost:  # another member owns them now: its commits count, not ours
+                monitor._uncommitted.pop(tp, None)
+            log.warning("partitions lost (group membership expired): %s", _partitions(lost))
+
+    return Listener()
+
+
+def _log_commit_failure(offsets: Any, error: Any) -> None:
+    if isinstance(error, Exception):
+        log.warning("commit before revocation failed (%s); those frames may be scored again", error)
+
+
+class _Throttle:
+    """At most one log line per key per `every_s`; counts what it held back."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._held: Tally[str] = Tally()
+
+    def ready(self, key: str) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(key, -self.every_s) >= self.every_s:
+            self._last[key] = now
+            return True
+        self._held[key] += 1
+        return False
+
+    def take_suppressed(self, key: str) -> int:
+        return self._held.pop(key, 0)
+
+
+def _partitions(tps: set[Any]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps))
+
+
+def _signature(path: Path) -> tuple[str, int, int] | None:
+    """What changes when a bundle at `path` is replaced (also through a swapped symlink)."""
+    try:
+        manifest = Path(os.path.realpath(path)) / "manifest.json"
+        st = manifest.stat()
+    except OSError:
+        return None
+    return str(manifest), st.st_mtime_ns, st.st_size
+
+
+def _json(record: Any) -> bytes:
+    return record.model_dump_json().encode()
 
 
 def _raw_key(key: str, encoding: str | None) -> bytes:

@@ -24,7 +24,8 @@ from sdns_monitor.detector import Detector
 from sdns_monitor.settings import load_settings
 from sdns_monitor.stream import StreamMonitor
 
-TANSU = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
+# Tansu needs short group timeouts; metrics on a free port so tests never collide.
+TANSU = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "metrics_port": 0}
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -153,6 +154,7 @@ def test_cli_run_stops_cleanly_on_sigterm(
         "SDNS_BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers,
         "SDNS_SESSION_TIMEOUT_MS": "6000",
         "SDNS_HEARTBEAT_INTERVAL_MS": "1000",
+        "SDNS_METRICS_PORT": "0",
         "OMP_NUM_THREADS": "1",
     }
     proc = subprocess.Popen(
