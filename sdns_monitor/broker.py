@@ -118,8 +118,12 @@ def start_broker(
     storage: str = DEFAULT_STORAGE,
     timeout: float = 30.0,
     log: Path | None = None,
+    schema_registry: Path | None = None,
 ) -> Broker:
-    """Start Tansu on `host:port` (a free port when None) and wait until it answers."""
+    """Start Tansu on `host:port` (a free port when None) and wait until it answers.
+
+    `schema_registry`: a folder of JSON schemas named `<topic>.json`; the broker rejects records
+    of those topics that do not conform (INVALID_RECORD)."""
     binary = tansu_binary()
     if port is None:
         port = free_port(host)
@@ -136,9 +140,12 @@ def start_broker(
         "--advertised-listener-url", url,
         "--storage-engine", storage,
     ]  # fmt: skip
+    if schema_registry is not None:
+        # Tansu reads file:///a/b as the relative path a/b: it runs from / so that it resolves.
+        cmd += ["--schema-registry", f"file://{Path(schema_registry).resolve()}"]
     out = log.open("ab") if log else subprocess.DEVNULL
     try:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd="/")
     finally:
         if log:
             out.close()  # type: ignore[union-attr]

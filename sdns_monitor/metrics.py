@@ -21,6 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from sdns_monitor.errors import ConfigError
+
 log = logging.getLogger("sdns_monitor.metrics")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -125,10 +127,9 @@ class HealthServer:
         try:
             self._server = ThreadingHTTPServer((host, port), Handler)
         except OSError as exc:
-            raise OSError(
-                exc.errno,
+            raise ConfigError(
                 f"cannot serve metrics on {host}:{port} ({exc.strerror}); "
-                "choose another --metrics-port, or 0 for a free one",
+                "choose another --metrics-port, 0 for a free one, or off"
             ) from None
         self._server.daemon_threads = True
         self.host, self.port = host, self._server.server_address[1]

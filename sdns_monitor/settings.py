@@ -9,6 +9,7 @@ appear in reprs or logs.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +28,7 @@ from pydantic import (
 from sdns_monitor.errors import ConfigError, first_problem
 
 ENV_PREFIX = "SDNS_"
+_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
 
 class KafkaSecurity(BaseModel):
@@ -120,6 +122,17 @@ class RunSettings(BaseModel):
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be below session_timeout_ms")
         outputs = {self.alert_topic, self.dlq_topic} | ({self.scores_topic} - {None})
+        for name in [*self.topic, *sorted(t for t in outputs if t is not None)]:
+            if not _TOPIC.fullmatch(name) or name in (".", ".."):
+                raise ValueError(
+                    f"topic name {name!r} is not legal in Kafka: use 1-249 of the characters "
+                    "a-z A-Z 0-9 . _ -"
+                )
+        if self.topic_pattern is not None:
+            try:
+                re.compile(self.topic_pattern)
+            except re.error as exc:
+                raise ValueError(f"--topic-pattern is not a valid regex: {exc}") from None
         if set(self.topic) & outputs:
             raise ValueError(
                 "an input topic is also an output topic; the monitor would read its own alerts"

@@ -70,6 +70,7 @@ class StreamStats:
     batches: int = 0
     output_failures: int = 0  # batches retried because outputs were not acknowledged
     reloads: int = 0
+    reload_failures: int = 0  # bundles refused on reload (the old model stayed)
     started: float = field(default_factory=time.monotonic)
 
     def frames_per_second(self) -> float:
@@ -246,7 +247,8 @@ class StreamMonitor:
     def run(
         self, stop: threading.Event | None = None, idle_exit_s: float | None = None
     ) -> StreamStats:
-        """Consume until `stop` (or `self.stop()`) is set, or nothing arrived for `idle_exit_s`."""
+        """Consume until `stop` (or `self.stop()`) is set, or nothing arrived for `idle_exit_s`
+        seconds after joining the group."""
         stop = stop or self._stop
         s = self.settings
         if s.metrics_port is not None:
@@ -282,7 +284,9 @@ class StreamMonitor:
             if not messages:
                 if self.incidents.open_count:
                     self._close_quiet_incidents(producer)
-                if idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s:
+                if not self._joined.is_set():
+                    last_data = time.monotonic()  # idle time counts once in the group
+                elif idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s:
                     break
                 continue
             started = last_data = time.monotonic()
@@ -560,6 +564,7 @@ class StreamMonitor:
             new = loading.result()
         except (SdnsError, OSError) as exc:
             self.metrics.reloads.labels(result="failed").inc()
+            self.stats.reload_failures += 1
             log.error("reload failed, keeping model %s: %s", self.detector.hash[:12], exc)
             return
         old, self.detector = self.detector, new

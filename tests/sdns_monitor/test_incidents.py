@@ -33,3 +33,16 @@ def test_keys_are_independent_and_a_quiet_window_closes_the_incident() -> None:
 def test_zero_cooldown_alerts_every_flagged_frame() -> None:
     t = IncidentTracker(window_s=10, cooldown_s=0)
     assert all(t.flagged(None, None, ms)[1] for ms in range(0, 5000, 100))
+
+
+def test_restoring_a_snapshot_forgets_a_batch_that_was_not_delivered() -> None:
+    t = IncidentTracker(window_s=10, cooldown_s=30)
+    before = t.snapshot()
+    assert t.flagged("cam1", "utf-8", 0)[1]  # this alert was never delivered ...
+    t.restore(before)
+    ref, send = t.flagged("cam1", "utf-8", 500)  # ... so the retried frame sends it
+    assert send and ref.frames == 1 and ref.alerts == 1
+    snap = t.snapshot()
+    t.flagged("cam1", "utf-8", 600)
+    t.restore(snap)
+    assert t.flagged("cam1", "utf-8", 700)[0].frames == 2  # the snapshot was a copy

@@ -26,6 +26,12 @@ def test_defaults_are_kafkas_and_loopback() -> None:
     assert s.security.client_options() == {"security_protocol": "PLAINTEXT"}
 
 
+def test_metrics_port_can_be_turned_off_or_left_to_the_system() -> None:
+    assert load_settings(BASE, {"SDNS_METRICS_PORT": "off"}).metrics_port is None
+    assert load_settings({**BASE, "metrics_port": "0"}, {}).metrics_port == 0
+    assert load_settings(BASE, {}).metrics_port == 9108
+
+
 def test_command_line_beats_environment_beats_file(tmp_path: Path) -> None:
     config = tmp_path / "run.toml"
     config.write_text(
@@ -76,6 +82,10 @@ def test_sasl_settings_are_validated_and_secrets_hidden() -> None:
         ({**BASE, "ssl_cafile": "/nonexistent/ca.pem"}, "is not a readable file"),
         ({**BASE, "batch_sise": 3}, "batch_sise"),
         ({"topic": ["x"]}, "model"),
+        ({**BASE, "alert_topic": "bad topic!"}, "not legal in Kafka"),
+        ({"model": "m.sdns", "topic_pattern": "cam-("}, "not a valid regex"),
+        ({**BASE, "metrics_port": 70000}, "metrics_port"),
+        ({**BASE, "reload_check_s": -1}, "reload_check_s"),
     ],
 )
 def test_invalid_settings_are_one_line_config_errors(cli: dict, message: str) -> None:

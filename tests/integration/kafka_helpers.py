@@ -1,0 +1,144 @@
+"""Helpers of the tests that talk to the real broker: topics, frames, reading records back."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from PIL import Image
+
+from sdns_monitor.broker import Broker
+from sdns_monitor.settings import RunSettings, load_settings
+
+# Tansu needs short group timeouts; metrics on a free port so tests never collide.
+TANSU = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "metrics_port": 0}
+TANSU_ENV = {
+    "SDNS_SESSION_TIMEOUT_MS": "6000",
+    "SDNS_HEARTBEAT_INTERVAL_MS": "1000",
+    "SDNS_METRICS_PORT": "0",
+    "OMP_NUM_THREADS": "1",
+}
+
+
+def png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image.squeeze(-1)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def noise(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 16, 16, 1), dtype=np.uint8)
+
+
+def topics(broker: Broker, *names: str, partitions: int = 1) -> dict[str, str]:
+    """New topics with unique names: {"frames": "frames-1a2b3c4d", ...} plus "run_id"."""
+    run_id = uuid.uuid4().hex[:8]
+    out = {name: f"{name}-{run_id}" for name in names}
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
+    admin.create_topics([NewTopic(t, partitions, 1) for t in out.values()])
+    admin.close()
+    return {**out, "run_id": run_id}
+
+
+def produce(
+    broker: Broker, topic: str, values: list[bytes], key: bytes | None = b"cam", **options: Any
+) -> None:
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, **options)
+    for value in values:
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def read_all(broker: Broker, topic: str, expect: int, timeout_ms: int = 8000) -> list[Any]:
+    """Records of `topic` from the start: stops at `expect` or after `timeout_ms` of silence."""
+    consumer = KafkaConsumer(
+        topic, bootstrap_servers=broker.bootstrap_servers, auto_offset_reset="earliest",
+        consumer_timeout_ms=timeout_ms, group_id=None,
+    )  # fmt: skip
+    out = []
+    for m in consumer:
+        out.append(m)
+        if len(out) >= expect:
+            break
+    consumer.close()
+    return out
+
+
+def read_json(broker: Broker, topic: str, expect: int, timeout_ms: int = 8000) -> list[Any]:
+    return [json.loads(m.value) for m in read_all(broker, topic, expect, timeout_ms)]
+
+
+def run_settings(broker: Broker, bundle: Path, names: dict[str, str], **extra: Any) -> RunSettings:
+    """Settings of a monitor reading names["frames"] from the beginning, in its own group."""
+    given = {
+        "topic": [names["frames"]], "model": str(bundle), "group_id": f"g-{names['run_id']}",
+        "bootstrap_servers": broker.bootstrap_servers, "from_beginning": True,
+        "alarm_rate": 0.1, **TANSU,
+    }  # fmt: skip
+    for role in ("alerts", "dlq", "scores"):
+        if role in names:
+            given[{"alerts": "alert_topic", "dlq": "dlq_topic", "scores": "scores_topic"}[role]] = (
+                names[role]
+            )
+    return load_settings({**given, **extra}, {})
+
+
+def wait_for(condition: Any, timeout: float, what: str, every: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def metric(text: str, sample: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus exposition (labels sorted, as prometheus_client writes them)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = re.escape(sample) + (r"\{" + re.escape(want) + r"\}" if labels else "") + r" (\S+)"
+    found = re.search("^" + pattern + "$", text, re.MULTILINE)
+    if found is None:
+        raise AssertionError(f"no sample {sample}{{{want}}} in the exposition")
+    return float(found.group(1))
+
+
+class LineReader:
+    """Collects a subprocess's stderr lines on a thread, for waiting on log lines."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        import threading
+
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._thread.start()
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def find(self, pattern: str) -> list[re.Match[str]]:
+        return [m for line in list(self.lines) if (m := re.search(pattern, line))]
+
+    def text(self) -> str:
+        return "\n".join(self.lines)

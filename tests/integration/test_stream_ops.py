@@ -1,0 +1,266 @@
+"""Operating `run`: metrics and probes, delivery failures, hot reload, compressed topics,
+scaling out to two processes, and a SIGKILL restart that loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+from kafka_helpers import (
+    TANSU_ENV,
+    LineReader,
+    http_get,
+    metric,
+    noise,
+    png,
+    produce,
+    read_json,
+    run_settings,
+    topics,
+    wait_for,
+)
+
+from sdns_monitor.broker import Broker, start_broker
+from sdns_monitor.detector import Detector
+from sdns_monitor.stream import StreamMonitor
+
+
+def _committed(broker: Broker, group: str, topic: str) -> int | None:
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, group_id=group)
+    try:
+        return consumer.committed(TopicPartition(topic, 0))
+    finally:
+        consumer.close()
+
+
+@pytest.mark.integration
+def test_metrics_and_probes_follow_the_stream(
+    kafka_broker: Broker, tiny_bundle: Path, det: Detector, fashion_test: np.ndarray
+) -> None:
+    names = topics(kafka_broker, "frames", "alerts")
+    settings = run_settings(kafka_broker, tiny_bundle, names, incident_cooldown_s=0)
+    monitor = StreamMonitor(settings, detector=det)
+    assert monitor.not_ready() is not None  # not joined yet
+    monitor.start()
+    try:
+        assert monitor.wait_ready(30)
+        assert monitor.health is not None and monitor.health.host == "127.0.0.1"
+        base = f"http://127.0.0.1:{monitor.health.port}"
+        assert http_get(base + "/readyz") == (200, "ok\n")
+        assert http_get(base + "/healthz") == (200, "ok\n")
+        assert http_get(base + "/nothing")[0] == 404
+
+        frames = [png(image) for image in fashion_test[2200:2210]] + [
+            png(image) for image in noise(3, seed=3)
+        ]
+        produce(kafka_broker, names["frames"], frames)
+        wait_for(lambda: monitor.stats.frames == 13, 30, "13 frames scored")
+        status, text = http_get(base + "/metrics")
+        assert status == 200
+        topic = names["frames"]
+        assert metric(text, "sdns_frames_total", topic=topic) == 13
+        assert metric(text, "sdns_messages_total", topic=topic) == 13
+        flagged = metric(text, "sdns_flagged_frames_total", topic=topic)
+        assert flagged == monitor.stats.flagged >= 3
+        assert metric(text, "sdns_alerts_total", topic=topic) == monitor.stats.alerts == flagged
+        assert metric(text, "sdns_batch_latency_seconds_count") >= 1
+        assert metric(text, "sdns_consumer_lag", topic=topic) == 0
+        assert metric(text, "sdns_ready") == 1
+        assert metric(text, "sdns_model_info", name="tiny", hash=det.hash) == 1
+    finally:
+        stats = monitor.stop()
+    assert stats.frames == 13
+
+
+@pytest.mark.integration
+def test_rejected_outputs_are_retried_and_never_committed(
+    tmp_path: Path, tiny_bundle: Path, det: Detector
+) -> None:
+    """The broker refuses every alert (a schema the alerts do not meet). The monitor keeps
+    retrying the batch, commits nothing, says not ready; a monitor of the same group with a
+    working alert topic then gets every frame."""
+    schemas = tmp_path / "schemas"
+    schemas.mkdir()
+    with start_broker(log=tmp_path / "tansu.log", schema_registry=schemas) as broker:
+        names = topics(broker, "frames", "alerts", "alerts2")
+        (schemas / f"{names['alerts']}.json").write_text(
+            json.dumps({"type": "object", "properties": {"value": {"required": ["never"]}}})
+        )
+        produce(broker, names["frames"], [png(image) for image in noise(3, seed=4)])
+        settings = run_settings(broker, tiny_bundle, names, incident_cooldown_s=0)
+        monitor = StreamMonitor(settings, detector=det).start()
+        try:
+            wait_for(lambda: monitor.stats.output_failures >= 2, 60, "two failed deliveries")
+            assert monitor.not_ready() is not None and "not delivered" in monitor.not_ready()
+            assert monitor.health is not None
+            status, _ = http_get(f"http://127.0.0.1:{monitor.health.port}/readyz")
+            assert status == 503
+            assert monitor.stats.frames == 0 and monitor.stats.alerts == 0  # nothing counted
+        finally:
+            stats = monitor.stop()
+        assert _committed(broker, settings.group_id, names["frames"]) is None
+
+        fixed = settings.model_copy(update={"alert_topic": names["alerts2"]})
+        stats = StreamMonitor(fixed, detector=det).run(idle_exit_s=3.0)
+        assert (stats.frames, stats.alerts) == (3, 3)
+        assert len(read_json(broker, names["alerts2"], 3)) == 3
+        assert _committed(broker, settings.group_id, names["frames"]) == 3
+
+
+def _renamed_copy(bundle: Path, out: Path, name: str) -> Path:
+    """The same bundle under another name: a different manifest, so a different hash."""
+    shutil.copytree(bundle, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["name"] = name
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.mark.integration
+def test_hot_reload_swaps_the_model_between_batches(
+    kafka_broker: Broker, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    names = topics(kafka_broker, "frames", "alerts")
+    v1 = _renamed_copy(tiny_bundle, tmp_path / "v1.sdns", "v1")
+    v2 = _renamed_copy(tiny_bundle, tmp_path / "v2.sdns", "v2")
+    current = tmp_path / "current.sdns"
+    current.symlink_to(v1)
+    settings = run_settings(
+        kafka_broker, current, names, incident_cooldown_s=0, reload_check_s=0.2, device="cpu"
+    )
+    monitor = StreamMonitor(settings).start()
+    try:
+        assert monitor.wait_ready(30)
+        produce(kafka_broker, names["frames"], [png(noise(1, seed=5)[0])])
+        wait_for(lambda: monitor.stats.alerts == 1, 30, "the first alert")
+
+        # A deploy swaps the symlink: the monitor notices the bundle changed and reloads.
+        tmp = tmp_path / "next.sdns"
+        tmp.symlink_to(v2)
+        tmp.replace(current)
+        wait_for(lambda: monitor.stats.reloads == 1, 30, "the reload")
+        produce(kafka_broker, names["frames"], [png(noise(1, seed=6)[0])])
+        wait_for(lambda: monitor.stats.alerts == 2, 30, "the second alert")
+
+        # A broken bundle is refused; the model in use stays.
+        (v1 / "manifest.json").write_text("{}")
+        monitor.reload(v1)
+        wait_for(lambda: monitor.stats.reload_failures == 1, 30, "the refused reload")
+        produce(kafka_broker, names["frames"], [png(noise(1, seed=7)[0])])
+        wait_for(lambda: monitor.stats.alerts == 3, 30, "the third alert")
+    finally:
+        monitor.stop()
+    alerts = read_json(kafka_broker, names["alerts"], 3)
+    assert [a["model"]["name"] for a in alerts] == ["v1", "v2", "v2"]
+    assert alerts[0]["model"]["hash"] != alerts[1]["model"]["hash"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
+def test_compressed_topics_are_read(
+    kafka_broker: Broker, tiny_bundle: Path, det: Detector, fashion_test: np.ndarray, codec: str
+) -> None:
+    names = topics(kafka_broker, "frames")
+    frames = [png(image) for image in fashion_test[2300:2308]]
+    produce(kafka_broker, names["frames"], frames, compression_type=codec)
+    settings = run_settings(kafka_broker, tiny_bundle, names, metrics_port="off")
+    stats = StreamMonitor(settings, detector=det).run(idle_exit_s=2.0)
+    assert (stats.messages, stats.frames, stats.dead_letters) == (8, 8, 0)
+
+
+def _run_cli(broker: Broker, bundle: Path, names: dict[str, str], *extra: str) -> Any:
+    env = {**os.environ, **TANSU_ENV, "SDNS_BOOTSTRAP_SERVERS": broker.bootstrap_servers}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdns_monitor.cli", "run", "--topic", names["frames"],
+         "--model", str(bundle), "--alert-topic", names["alerts"],
+         "--scores-topic", names["scores"], "--from-beginning", "--alarm-rate", "0.1",
+         "--group-id", f"g-{names['run_id']}", *extra],
+        env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    return proc, LineReader(proc)
+
+
+def _offsets(scores: list[dict]) -> Counter[tuple[int, int]]:
+    return Counter((s["source"]["partition"], s["source"]["offset"]) for s in scores)
+
+
+@pytest.mark.integration
+def test_two_processes_of_one_group_split_the_partitions(
+    kafka_broker: Broker, tiny_bundle: Path, fashion_test: np.ndarray
+) -> None:
+    names = topics(kafka_broker, "frames", "alerts", "scores", partitions=4)
+    procs = [_run_cli(kafka_broker, tiny_bundle, names) for _ in range(2)]
+    try:
+        # Both have joined once each holds two of the four partitions.
+        for _, log in procs:
+            wait_for(lambda log=log: log.find(r"assigned (\S+\[\d\](, )?){2}$"), 90,
+                     "an assignment of two partitions\n" + log.text())  # fmt: skip
+        frames = [png(image) for image in fashion_test[2400:2440]]
+        from kafka import KafkaProducer
+
+        producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap_servers)
+        for i, value in enumerate(frames):
+            producer.send(names["frames"], key=b"cam%d" % (i % 4), value=value, partition=i % 4)
+        producer.flush()
+        producer.close()
+        scores = read_json(kafka_broker, names["scores"], 40, timeout_ms=30000)
+        for proc, _ in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc, _ in procs:
+            assert proc.wait(timeout=30) == 0
+    finally:
+        for proc, _ in procs:
+            proc.kill()
+    assert len(scores) == 40 and set(_offsets(scores).values()) == {1}  # every frame once
+    counts = [int(log.find(r"stopped: (\d+) messages")[0].group(1)) for _, log in procs]
+    assert sum(counts) == 40 and min(counts) > 0, counts
+
+
+@pytest.mark.integration
+def test_sigkill_mid_stream_then_restart_loses_no_frame(
+    kafka_broker: Broker, tiny_bundle: Path, fashion_test: np.ndarray
+) -> None:
+    n, batch = 600, 16
+    names = topics(kafka_broker, "frames", "alerts", "scores")
+    produce(kafka_broker, names["frames"], [png(image) for image in fashion_test[:n]])
+    options = ("--batch-size", str(batch))
+    proc, _ = _run_cli(kafka_broker, tiny_bundle, names, *options)
+    try:
+        consumer = KafkaConsumer(
+            names["scores"], bootstrap_servers=kafka_broker.bootstrap_servers,
+            auto_offset_reset="earliest", group_id=None, consumer_timeout_ms=60000,
+        )  # fmt: skip
+        for seen, _ in enumerate(consumer, 1):  # kill once a third of the stream was scored
+            if seen >= n // 3:
+                break
+        consumer.close()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    first = read_json(kafka_broker, names["scores"], n, timeout_ms=3000)
+    assert n // 3 <= len(first) < n, "the kill came too late to test anything"
+
+    proc, _ = _run_cli(kafka_broker, tiny_bundle, names, *options)
+    try:
+        scores = read_json(kafka_broker, names["scores"], n + 10 * batch, timeout_ms=15000)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+    offsets = _offsets(scores)
+    assert set(offsets) == {(0, o) for o in range(n)}  # every input offset scored
+    duplicates = sum(offsets.values()) - n
+    # Only what was scored but not committed when the process died is scored again.
+    assert duplicates <= 4 * batch, duplicates
+    print(f"SIGKILL after {len(first)} scores: {duplicates} duplicates (batch size {batch})")
