@@ -180,6 +180,11 @@ class StreamMonitor:
             raise self._error
         return self.stats
 
+    @property
+    def error(self) -> BaseException | None:
+        """What stopped a `start()`ed loop, if it failed."""
+        return self._error
+
     def wait_ready(self, timeout: float) -> bool:
         """True once the consumer has joined its group (the model is loaded already)."""
         return self._joined.wait(timeout)
