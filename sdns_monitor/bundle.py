@@ -42,6 +42,10 @@ ENCODER = "encoder.safetensors"
 FEATURES = "features.npy"
 CALIBRATION = "calibration.npy"
 REQUIRED_FILES = (ENCODER, FEATURES, CALIBRATION)
+# Present when the bundle has the combined score (sdns_monitor.lowlevel).
+LOWLEVEL = "lowlevel.npy"
+CALIBRATION_COMBINED = "calibration_combined.npy"
+LOWLEVEL_FILES = (LOWLEVEL, CALIBRATION_COMBINED)
 
 
 class InputSpec(BaseModel):
@@ -56,6 +60,26 @@ class InputSpec(BaseModel):
     std: list[Annotated[float, Field(gt=0)]]
 
 
+class LowLevelSpec(BaseModel):
+    """The low-level half of the combined score and how the two halves are standardised."""
+
+    model_config = ConfigDict(extra="forbid")
+    side: int = Field(ge=1)  # frames are average-pooled to side x side x channels
+    temperature: float = Field(0.04, gt=0)
+    k: int | None = Field(200, ge=1)
+    n_reference: int = 0
+    # mean and std of each score on in-distribution validation images (not in either bank)
+    sdns_mean: float
+    sdns_std: float = Field(gt=0)
+    low_mean: float
+    low_std: float = Field(gt=0)
+    validation: dict[str, Any] = Field(default_factory=dict)  # AUROCs that chose the default
+
+    @property
+    def stats(self) -> tuple[float, float, float, float]:
+        return self.sdns_mean, self.sdns_std, self.low_mean, self.low_std
+
+
 class ScoreSpec(BaseModel):
     """Kernel score settings; k = None sums over every reference feature."""
 
@@ -65,6 +89,8 @@ class ScoreSpec(BaseModel):
     index_factory: str = "Flat"
     n_reference: int = 0
     k_selection: dict[str, Any] = Field(default_factory=dict)  # how k was chosen, if measured
+    lowlevel: LowLevelSpec | None = None  # None: the bundle has the SDNS score only
+    default: Literal["sdns", "combined"] = "sdns"  # the score `auto` picks
 
 
 class CalibrationSummary(BaseModel):
@@ -112,7 +138,9 @@ class Bundle:
     hash: str
     state_dict: dict[str, torch.Tensor]
     features: np.ndarray  # float32 N x D
-    calibration: np.ndarray  # float64, sorted
+    calibration: np.ndarray  # float64, sorted: calibration scores of the SDNS score
+    lowlevel: np.ndarray | None = None  # float32 M x D_low, with the combined score
+    calibration_combined: np.ndarray | None = None  # float64, sorted
 
     @property
     def name(self) -> str:
@@ -144,13 +172,19 @@ def write_bundle(
     encoder_state: dict[str, torch.Tensor],
     features: np.ndarray,
     calibration: np.ndarray,
+    lowlevel: np.ndarray | None = None,
+    calibration_combined: np.ndarray | None = None,
 ) -> Path:
-    """Write a new bundle at `path` (which must not exist) and return it."""
+    """Write a new bundle at `path` (which must not exist) and return it. `lowlevel` and
+    `calibration_combined` come with `manifest.score.lowlevel` (the combined score)."""
     path = Path(path)
     if path.exists():
         raise BundleError(f"{path} already exists; bundles are immutable: choose another --out")
     if features.ndim != 2 or features.shape[1] != manifest.feature_dim:
         raise ValueError("features do not match the manifest's feature_dim")
+    combined = manifest.score.lowlevel is not None
+    if combined != (lowlevel is not None and calibration_combined is not None):
+        raise ValueError("score.lowlevel, lowlevel and calibration_combined go together")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -158,7 +192,12 @@ def write_bundle(
         save_file(state, str(tmp / ENCODER))
         np.save(tmp / FEATURES, np.ascontiguousarray(features, dtype=np.float32))
         np.save(tmp / CALIBRATION, np.sort(calibration.astype(np.float64)))
-        files = {name: sha256_file(tmp / name) for name in REQUIRED_FILES}
+        names: tuple[str, ...] = REQUIRED_FILES
+        if lowlevel is not None and calibration_combined is not None:
+            np.save(tmp / LOWLEVEL, np.ascontiguousarray(lowlevel, dtype=np.float32))
+            np.save(tmp / CALIBRATION_COMBINED, np.sort(calibration_combined.astype(np.float64)))
+            names = REQUIRED_FILES + LOWLEVEL_FILES
+        files = {name: sha256_file(tmp / name) for name in names}
         final = manifest.model_copy(update={"files": files})
         (tmp / MANIFEST).write_text(final.model_dump_json(indent=2) + "\n")
         # mkdtemp makes the directory owner-only; a bundle is read by services running as
@@ -209,7 +248,8 @@ def verify_files(path: Path, manifest: Manifest) -> dict[str, bytes]:
     change between the check and the use.
     """
     verified: dict[str, bytes] = {}
-    for name in REQUIRED_FILES:
+    required = REQUIRED_FILES + (LOWLEVEL_FILES if manifest.score.lowlevel else ())
+    for name in required:
         if name not in manifest.files:
             raise BundleError(
                 f"{path}: manifest lists no hash for {name}; the bundle is incomplete"
@@ -255,4 +295,26 @@ def load_bundle(path: str | Path) -> Bundle:
         )
     if calibration.ndim != 1 or not np.issubdtype(calibration.dtype, np.floating):
         raise BundleError(f"{path}: {CALIBRATION} must be a one-dimensional float array")
-    return Bundle(path, manifest, digest, state, features, np.sort(calibration.astype(np.float64)))
+    lowlevel = calibration_combined = None
+    low = manifest.score.lowlevel
+    if low is not None:
+        try:
+            lowlevel = np.load(io.BytesIO(files[LOWLEVEL]), allow_pickle=False)
+            calibration_combined = np.load(io.BytesIO(files[CALIBRATION_COMBINED]),
+                                           allow_pickle=False)  # fmt: skip
+        except (ValueError, OSError) as exc:
+            raise BundleError(f"{path}: cannot read arrays ({exc})") from None
+        dim = low.side * low.side * manifest.input.channels
+        if lowlevel.dtype != np.float32 or lowlevel.ndim != 2 or lowlevel.shape[1] != dim:
+            raise BundleError(
+                f"{path}: {LOWLEVEL} has shape {lowlevel.shape} / {lowlevel.dtype}, "
+                f"expected M x {dim} float32"
+            )
+        if calibration_combined.ndim != 1 or not np.issubdtype(
+            calibration_combined.dtype, np.floating
+        ):
+            raise BundleError(f"{path}: {CALIBRATION_COMBINED} must be a one-dimensional array")
+        calibration_combined = np.sort(calibration_combined.astype(np.float64))
+    return Bundle(path, manifest, digest, state, features,
+                  np.sort(calibration.astype(np.float64)), lowlevel,
+                  calibration_combined)  # fmt: skip

@@ -32,7 +32,11 @@ def recalibrate(
         raise DataError(
             f"{data}: {len(images)} images are too few to calibrate; give at least 10 (100+ recommended)"
         )
-    scores = det.anomaly_scores(det.prepare(images))
+    prepared = det.prepare(images)
+    scores = det.sdns_scores(prepared)
+    combined = None
+    if bundle.manifest.score.lowlevel is not None:  # both calibrations, as `fit` writes them
+        combined = Detector(bundle, device=det.device, score="combined").anomaly_scores(prepared)
     m = bundle.manifest
     rate = m.calibration.default_alarm_rate if alarm_rate is None else alarm_rate
     manifest = m.model_copy(
@@ -43,4 +47,6 @@ def recalibrate(
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
     )
-    return write_bundle(Path(out), manifest, bundle.state_dict, bundle.features, scores)
+    return write_bundle(
+        Path(out), manifest, bundle.state_dict, bundle.features, scores, bundle.lowlevel, combined
+    )

@@ -41,6 +41,15 @@ class SourceOpt(StrEnum):
     aux = "aux"
 
 
+class ScoreOpt(StrEnum):
+    auto = "auto"
+    sdns = "sdns"
+    combined = "combined"
+
+
+SCORE_HELP = "sdns (the paper's), combined (with the low-level score), or auto (the bundle's)"
+
+
 def _err(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
 
@@ -168,7 +177,8 @@ def fit(
         typer.echo(
             f"wrote {report.bundle} in {report.wall_seconds:.0f} s "
             f"(training {report.train_seconds:.0f} s, {report.images_per_second:.0f} img/s; "
-            f"k = {report.k or 'all'}; validation AUROC vs shifted images {val})"
+            f"k = {report.k or 'all'}; validation AUROC vs shifted images {val}; "
+            f"default score {report.score_default})"
         )
 
 
@@ -183,15 +193,18 @@ def evaluate(
         int | None, typer.Option(min=1, help="Score at most N images per set (seeded subset)")
     ] = None,
     device: Annotated[str, typer.Option()] = "auto",
+    score: Annotated[ScoreOpt, typer.Option(help=SCORE_HELP)] = ScoreOpt.auto,
 ) -> None:
     """AUROC, FPR at 95% TPR and AUPR of the anomaly score, in-distribution vs each OOD set."""
     from sdns_monitor.eval_bundle import evaluate_bundle
 
-    result = evaluate_bundle(model, id, ood, report_dir=report, limit=limit, device=device)
+    result = evaluate_bundle(
+        model, id, ood, report_dir=report, limit=limit, device=device, score=score.value
+    )
     if json_out:
         typer.echo(json.dumps(result))
         return
-    typer.echo(f"model {model}   in-distribution {id}")
+    typer.echo(f"model {model}   in-distribution {id}   score {result['score']}")
     typer.echo(f"{'OOD data':<32} {'AUROC':>7} {'FPR95':>7} {'AUPR':>7}")
     for row in result["results"]:
         typer.echo(f"{row['ood']:<32} {row['auroc']:7.4f} {row['fpr95']:7.4f} {row['aupr']:7.4f}")
@@ -210,13 +223,14 @@ def score(
         float | None, typer.Option(help="Flag when score > this (instead of --alarm-rate)")
     ] = None,
     device: Annotated[str, typer.Option()] = "auto",
+    score: Annotated[ScoreOpt, typer.Option(help=SCORE_HELP)] = ScoreOpt.auto,
 ) -> None:
     """Score images; print one JSON line per image."""
     from sdns_monitor.data import load_dataset
     from sdns_monitor.detector import Detector, check_rule
 
     check_rule(alarm_rate, threshold)
-    det = Detector.load(model, device=device)
+    det = Detector.load(model, device=device, score=score.value)
     # Loading at the model's input size resizes image folders of mixed sizes, and keeps
     # memory to what scoring needs; Detector.prepare then leaves the images as they are.
     data = load_dataset(spec, size=det.manifest.input.size)
@@ -280,6 +294,7 @@ def run(
         int | None, typer.Option(help="Larger messages go to the dead-letter topic")
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N")] = None,
+    score: Annotated[ScoreOpt | None, typer.Option(help=SCORE_HELP)] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Where engine caches go")] = None,
     metrics_host: Annotated[
         str | None, typer.Option(help="Address of /metrics, /healthz, /readyz")
@@ -311,6 +326,7 @@ def run(
     passwords only through the environment or the config file (SDNS_SASL_PLAIN_PASSWORD).
     """
     given = {k: v for k, v in locals().items() if k != "config"}  # the options, before imports
+    given["score"] = score.value if score is not None else None
     import logging
     import os
     import signal

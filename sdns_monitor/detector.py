@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -22,10 +22,12 @@ from sdns_monitor.errors import BundleError, ConfigError, FrameError
 from sdns_monitor.features import extract_features
 from sdns_monitor.frames import decode_bytes, from_array, from_pil
 from sdns_monitor.index import ReferenceIndex, anomaly_scores
+from sdns_monitor.lowlevel import combine, lowlevel_features
 from sdns_monitor.preprocess import prepare_uint8
 from sdns_monitor.scoring import ScoreResult, p_values
 
 ImageInput = np.ndarray | torch.Tensor | Image.Image | bytes
+ScoreMode = Literal["auto", "sdns", "combined"]
 
 
 def check_rule(alarm_rate: float | None, threshold: float | None) -> None:
@@ -37,9 +39,20 @@ def check_rule(alarm_rate: float | None, threshold: float | None) -> None:
 
 
 class Detector:
-    """A loaded model: encoder, reference index and calibration scores."""
+    """A loaded model: encoder, reference index and calibration scores.
 
-    def __init__(self, bundle: Bundle, device: str | torch.device = "auto", batch_size: int = 256):
+    `score`: "sdns" is the paper's kernel score on teacher features; "combined" adds the
+    low-level score (sdns_monitor.lowlevel), when the bundle has one; "auto" takes the bundle's
+    default, which `fit` chose on validation data.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str | torch.device = "auto",
+        batch_size: int = 256,
+        score: ScoreMode = "auto",
+    ):
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -51,12 +64,29 @@ class Detector:
             first = str(exc).splitlines()[0]
             raise BundleError(f"{bundle.path}: weights do not fit the backbone ({first})") from None
         self.encoder = encoder.to(self.device).eval()
-        score = self.manifest.score
-        self.index = ReferenceIndex(bundle.features, score.index_factory, self.device)
-        self.k = score.k
-        self.temperature = score.temperature
-        self.calibration = bundle.calibration
+        spec = self.manifest.score
+        self.index = ReferenceIndex(bundle.features, spec.index_factory, self.device)
+        self.k = spec.k
+        self.temperature = spec.temperature
         self.alarm_rate = self.manifest.calibration.default_alarm_rate
+        low = spec.lowlevel
+        self.low_index: ReferenceIndex | None = None
+        mode = score
+        if mode == "auto":
+            mode = spec.default if low is not None else "sdns"
+        if mode == "combined":
+            if low is None or bundle.lowlevel is None or bundle.calibration_combined is None:
+                raise ConfigError(
+                    f"{bundle.path} has no combined score (fitted without the low-level bank); "
+                    "use --score sdns or refit"
+                )
+            self.low_index = ReferenceIndex(bundle.lowlevel, "Flat", self.device)
+            self.calibration = bundle.calibration_combined
+        elif mode == "sdns":
+            self.calibration = bundle.calibration
+        else:
+            raise ConfigError(f"unknown score {mode!r}; use auto, sdns or combined")
+        self.score_mode: Literal["sdns", "combined"] = mode
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", **kwargs: Any) -> Detector:
@@ -95,7 +125,18 @@ class Detector:
         )
 
     def anomaly_scores(self, prepared: np.ndarray) -> np.ndarray:
-        """a(z) of prepared images; higher = more out-of-distribution."""
+        """Anomaly scores of prepared images (the detector's score mode); higher = more
+        out-of-distribution."""
+        sdns = self.sdns_scores(prepared)
+        low = self.manifest.score.lowlevel
+        if self.low_index is None or low is None:
+            return sdns
+        feats = lowlevel_features(prepared, low.side)
+        return combine(sdns, anomaly_scores(self.low_index, feats, low.k, low.temperature),
+                       low.stats)  # fmt: skip
+
+    def sdns_scores(self, prepared: np.ndarray) -> np.ndarray:
+        """a(z), the paper's kernel score on teacher features, whatever the score mode."""
         feats = self.features(prepared)
         return anomaly_scores(self.index, feats, self.k, self.temperature)
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from sdns_monitor.data import load_dataset
-from sdns_monitor.detector import Detector
+from sdns_monitor.detector import Detector, ScoreMode
 from sdns_monitor.errors import DataError
 from sdns_monitor.evaluation import ood_metrics, plot_histogram, plot_roc
 from sdns_monitor.scoring import conformal_cutoff
@@ -36,10 +36,11 @@ def evaluate_bundle(
     limit: int | None = None,
     device: str = "auto",
     detector: Detector | None = None,
+    score: ScoreMode = "auto",
 ) -> dict[str, Any]:
     """{"id": SPEC, "results": [{"ood": SPEC, "auroc", "fpr95", "aupr"}, ...]} (higher score =
-    more OOD; OOD is the positive class). With `report_dir`, a ROC and a histogram PNG per set."""
-    det = detector or Detector.load(model, device=device)
+    more OOD; OOD is the positive class), and "score": the score used (sdns or combined). With `report_dir`, a ROC and a histogram PNG per set."""
+    det = detector or Detector.load(model, device=device, score=score)
     size = det.manifest.input.size
 
     def scores_of(spec: str) -> np.ndarray:
@@ -70,4 +71,4 @@ def evaluate_bundle(
             )
     if report_dir is not None and len(curves) > 1:
         plot_roc(curves, report_dir / "roc_all.png", f"{id_spec} vs all OOD sets")
-    return {"id": id_spec, "results": results}
+    return {"id": id_spec, "score": det.score_mode, "results": results}

@@ -125,7 +125,9 @@ class StreamMonitor:
         on_alert: Callable[[Alert], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.detector = detector or Detector.load(settings.model, device=settings.device)
+        self.detector = detector or Detector.load(
+            settings.model, device=settings.device, score=settings.score
+        )
         self.on_alert = on_alert
         self.stats = StreamStats()
         self.metrics = Metrics()
@@ -559,7 +561,9 @@ class StreamMonitor:
         with self._reload_lock:
             request, self._reload_request = self._reload_request, None
         if request is not None and self._loading is None:
-            self._loading = self._loader.submit(Detector.load, request, device=s.device)
+            self._loading = self._loader.submit(
+                Detector.load, request, device=s.device, score=s.score
+            )
         elif request is not None:  # one load at a time: ask again once this one is done
             self.reload(request)
         if self._loading is None or not self._loading.done():

@@ -80,6 +80,11 @@ class TrainConfig(BaseModel):
     # on validation data (trainer.fit.choose_k).
     score_k: Annotated[int, Field(ge=1)] | Literal["all"] | None = None
     index_factory: str = "Flat"
+    # The combined score (sdns_monitor.lowlevel): a bank of compact pixel features beside the
+    # SDNS bank, at most this many images; the bundle's default score is whichever of SDNS and
+    # combined has the higher validation AUROC.
+    lowlevel: bool = True
+    lowlevel_bank: int = Field(10_000, ge=100)
     alarm_rate: float = Field(0.01, gt=0, lt=1)
 
     @model_validator(mode="after")

@@ -5,7 +5,9 @@
    calibration images (held out of both; their scores give the p-values).
 2. Train the SDNS encoder (trainer.loop).
 3. Teacher features of the training split form the bank; choose k on validation data;
-   score the calibration images; write the bundle.
+   build the low-level bank of the combined score, standardise both scores on validation
+   images and pick the default score by validation AUROC; score the calibration images;
+   write the bundle.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from sdns_monitor.backbones import BackboneConfig
 from sdns_monitor.bundle import (
     InputSpec,
+    LowLevelSpec,
     Manifest,
     ScoreSpec,
     TrainingRecord,
@@ -37,6 +40,7 @@ from sdns_monitor.errors import BundleError, DataError
 from sdns_monitor.evaluation import ood_metrics
 from sdns_monitor.features import extract_features
 from sdns_monitor.index import ReferenceIndex, anomaly_scores
+from sdns_monitor.lowlevel import DEFAULT_K, combine, lowlevel_features, pooled_side
 from sdns_monitor.preprocess import prepare_uint8
 from trainer.config import TrainConfig
 from trainer.loop import Trainer, dist_info
@@ -65,6 +69,8 @@ class FitReport:
     images_per_second: float
     k: int | None
     validation_auroc: float | None
+    score_default: str = "sdns"
+    validation_auroc_combined: float | None = None
 
 
 def split_reference(data: ImageSet, cfg: TrainConfig) -> Splits:
@@ -231,14 +237,12 @@ def fit(
     k: int | None = None if cfg.score_k in (None, "all") else int(cfg.score_k)
     k_record: dict[str, Any] = {"chosen": k, "method": "set by the recipe or --k"}
     val_auroc = None
+    val_id = val_ood = None
+    val_shifted = None
     if len(splits.validation) >= 20:
+        val_shifted = shifted_validation(splits.validation.images, cfg.seed, exclude=cfg.negatives)
         val_id = extract_features(teacher, splits.validation.images, spec, dev)
-        val_ood = extract_features(
-            teacher,
-            shifted_validation(splits.validation.images, cfg.seed, exclude=cfg.negatives),
-            spec,
-            dev,
-        )
+        val_ood = extract_features(teacher, val_shifted, spec, dev)
         chosen, measured = choose_k(index, val_id, val_ood, cfg.score_temperature)
         if cfg.score_k is None:
             k, k_record = chosen, measured
@@ -247,6 +251,30 @@ def fit(
         val_auroc = measured["auroc_all"]
     cal_feats = extract_features(teacher, splits.calibration.images, spec, dev)
     cal_scores = anomaly_scores(index, cal_feats, k, cfg.score_temperature)
+
+    low_spec = low_bank = cal_combined = None
+    if cfg.lowlevel and val_id is not None and val_ood is not None and val_shifted is not None:
+        sdns_val = (
+            anomaly_scores(index, val_id, k, cfg.score_temperature),
+            anomaly_scores(index, val_ood, k, cfg.score_temperature),
+        )
+        low_spec, low_bank = build_lowlevel(
+            train_images, splits.validation.images, val_shifted, sdns_val, cfg, dev
+        )
+        low_index = ReferenceIndex(low_bank, "Flat", dev)
+        cal_low = anomaly_scores(
+            low_index,
+            lowlevel_features(splits.calibration.images, low_spec.side),
+            low_spec.k,
+            low_spec.temperature,
+        )
+        cal_combined = combine(cal_scores, cal_low, low_spec.stats)
+        v = low_spec.validation
+        log(
+            f"validation AUROC vs shifted images: sdns {v['auroc_sdns']:.3f}, low-level "
+            f"{v['auroc_low']:.3f}, combined {v['auroc_combined']:.3f}; default score "
+            f"{v['default']}"
+        )
 
     wall = time.perf_counter() - started
     manifest = Manifest(
@@ -260,6 +288,8 @@ def fit(
             index_factory=cfg.index_factory,
             n_reference=len(bank),
             k_selection=k_record,
+            lowlevel=low_spec,
+            default=low_spec.validation["default"] if low_spec else "sdns",
         ),
         calibration=calibration_summary(cal_scores, cfg.alarm_rate, f"{data} (held-out split)"),
         training=TrainingRecord(
@@ -280,8 +310,72 @@ def fit(
             wall_seconds=wall,
         ),
     )
-    write_bundle(out, manifest, teacher.state_dict(), bank, cal_scores)
+    write_bundle(out, manifest, teacher.state_dict(), bank, cal_scores, low_bank, cal_combined)
     shutil.rmtree(out.with_name(out.name + ".ckpt"), ignore_errors=True)
     return FitReport(
-        out, time.perf_counter() - started, train_seconds, result.images_per_second, k, val_auroc
+        out,
+        time.perf_counter() - started,
+        train_seconds,
+        result.images_per_second,
+        k,
+        val_auroc,
+        manifest.score.default,
+        low_spec.validation["auroc_combined"] if low_spec else None,
     )
+
+
+def build_lowlevel(
+    train_images: np.ndarray,
+    val_images: np.ndarray,
+    val_shifted: np.ndarray,
+    sdns_val: tuple[np.ndarray, np.ndarray],
+    cfg: TrainConfig,
+    device: torch.device,
+) -> tuple[LowLevelSpec, np.ndarray]:
+    """The low-level bank and the standardisation of the combined score, both from training
+    data: the bank from training images, the statistics from validation images (in neither
+    bank). The default score is the one with the higher validation AUROC, ID validation
+    images against the same images shifted (`sdns_val` holds the SDNS scores of both)."""
+    side = pooled_side(train_images.shape[1], train_images.shape[-1])
+    images = train_images
+    if len(images) > cfg.lowlevel_bank:
+        pick = np.random.default_rng(cfg.seed + 2).choice(len(images), cfg.lowlevel_bank, False)
+        images = images[np.sort(pick)]
+    bank = lowlevel_features(images, side).numpy()
+    index = ReferenceIndex(bank, "Flat", device)
+    k = min(DEFAULT_K, len(bank))
+    t = cfg.score_temperature
+    low_id = anomaly_scores(index, lowlevel_features(val_images, side), k, t)
+    low_ood = anomaly_scores(index, lowlevel_features(val_shifted, side), k, t)
+    sdns_id, sdns_ood = sdns_val
+    stats = (
+        float(sdns_id.mean()),
+        float(max(sdns_id.std(), 1e-6)),
+        float(low_id.mean()),
+        float(max(low_id.std(), 1e-6)),
+    )
+    aurocs = {
+        "auroc_sdns": ood_metrics(sdns_id, sdns_ood).auroc,
+        "auroc_low": ood_metrics(low_id, low_ood).auroc,
+        "auroc_combined": ood_metrics(
+            combine(sdns_id, low_id, stats), combine(sdns_ood, low_ood, stats)
+        ).auroc,
+    }
+    default = "combined" if aurocs["auroc_combined"] > aurocs["auroc_sdns"] else "sdns"
+    spec = LowLevelSpec(
+        side=side,
+        temperature=t,
+        k=k,
+        n_reference=len(bank),
+        sdns_mean=stats[0],
+        sdns_std=stats[1],
+        low_mean=stats[2],
+        low_std=stats[3],
+        validation={
+            **aurocs,
+            "default": default,
+            "method": "validation images vs the same images under shifts other than the "
+            "training negatives; the higher AUROC of sdns and combined is the default",
+        },
+    )
+    return spec, bank

@@ -133,7 +133,7 @@ def test_eval_json_prints_exactly_one_object_with_the_metrics(
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)  # the whole output is one JSON document
     assert result.stdout.strip().count("\n") == 0
-    assert set(report) == {"id", "results"}
+    assert set(report) == {"id", "score", "results"} and report["score"] == "sdns"
     assert report["id"] == id_spec
     assert [r["ood"] for r in report["results"]] == [noise_spec, flat_spec]
     id_scores = det.anomaly_scores(det.prepare(id_images))

@@ -92,12 +92,18 @@ def test_shifted_validation_leaves_out_the_training_negative() -> None:
 
 def test_fit_on_non_square_colour_images_writes_a_loadable_bundle(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "r.npz", images=rng.integers(0, 256, (400, 20, 30, 3), dtype=np.uint8))
+    np.savez(tmp_path / "r.npz", images=rng.integers(0, 256, (600, 20, 30, 3), dtype=np.uint8))
     cfg = make_config("quick", steps_per_epoch=2, batch_size=32, aux=[], neg_source="id", width=4)
     report = fit(f"npz:{tmp_path / 'r.npz'}", tmp_path / "m.sdns", cfg, log=lambda _m: None)
     assert report is not None and report.bundle == tmp_path / "m.sdns"
-    spec = load_bundle(report.bundle).manifest.input
+    manifest = load_bundle(report.bundle).manifest
+    spec = manifest.input
     assert (spec.size, spec.model_size, spec.channels) == (30, 30, 3)  # the longer side
+    low = manifest.score.lowlevel  # the combined score, standardised on validation images
+    assert low is not None and low.side == 9 and low.n_reference == manifest.training.n_train
+    v = low.validation
+    better = "combined" if v["auroc_combined"] > v["auroc_sdns"] else "sdns"
+    assert manifest.score.default == v["default"] == report.score_default == better
     scores = Detector.load(report.bundle, device="cpu").score(
         rng.integers(0, 256, (5, 20, 30, 3), dtype=np.uint8)
     )
