@@ -178,6 +178,28 @@ def test_compressed_topics_are_read(
     assert (stats.messages, stats.frames, stats.dead_letters) == (8, 8, 0)
 
 
+@pytest.mark.integration
+def test_a_topic_pattern_watches_every_matching_topic(
+    kafka_broker: Broker, tiny_bundle: Path, det: Detector, fashion_test: np.ndarray
+) -> None:
+    names = topics(kafka_broker, "cams-a", "cams-b", "other")
+    run_id = names["run_id"]
+    for i, role in enumerate(("cams-a", "cams-b", "other")):
+        produce(kafka_broker, names[role], [png(fashion_test[2500 + i])])
+    settings = run_settings(
+        kafka_broker, tiny_bundle, {"frames": "unused", "run_id": run_id},
+        topic=[], topic_pattern=rf"cams-.-{run_id}",
+    )  # fmt: skip
+    monitor = StreamMonitor(settings, detector=det)
+    stats = monitor.run(idle_exit_s=3.0)
+    assert (stats.messages, stats.frames) == (2, 2)  # both camera topics, not "other"
+    frames = monitor.metrics.frames
+    assert {s.labels["topic"] for s in frames.collect()[0].samples} == {
+        names["cams-a"],
+        names["cams-b"],
+    }
+
+
 def _run_cli(broker: Broker, bundle: Path, names: dict[str, str], *extra: str) -> Any:
     env = {**os.environ, **TANSU_ENV, "SDNS_BOOTSTRAP_SERVERS": broker.bootstrap_servers}
     proc = subprocess.Popen(
