@@ -283,7 +283,15 @@ def run(
         str | None, typer.Option(help="One record per frame (optional)")
     ] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
-    max_wait_ms: Annotated[int | None, typer.Option()] = None,
+    max_wait_ms: Annotated[
+        int | None, typer.Option(help="Longest wait for a micro-batch to fill")
+    ] = None,
+    decode_workers: Annotated[
+        int | None, typer.Option(help="Threads decoding frames (default 2)")
+    ] = None,
+    queue_batches: Annotated[
+        int | None, typer.Option(help="Micro-batches in flight before the consumer pauses")
+    ] = None,
     alarm_rate: Annotated[float | None, typer.Option(help="Flag when p-value < this")] = None,
     threshold: Annotated[float | None, typer.Option(help="Flag when score > this instead")] = None,
     from_beginning: Annotated[

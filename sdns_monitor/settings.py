@@ -91,6 +91,10 @@ class RunSettings(BaseModel):
     scores_topic: str | None = None
     batch_size: int = Field(64, ge=1, le=8192)
     max_wait_ms: int = Field(100, ge=0, le=60_000)
+    decode_workers: int = Field(2, ge=1, le=64)  # threads that decode and resize frames
+    # Micro-batches between consumer and commit (decoding, scoring, awaiting acks); beyond
+    # this the consumer pauses. 1 makes the loop sequential.
+    queue_batches: int = Field(4, ge=1, le=64)
     alarm_rate: float | None = Field(None, gt=0, lt=1)
     threshold: float | None = None
     from_beginning: bool = False

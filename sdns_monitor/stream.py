@@ -1,28 +1,41 @@
 """`StreamMonitor`: the consume -> decode -> score -> produce -> commit loop of `run`.
 
-At-least-once: the offsets of a micro-batch are committed only after every alert, score and
-dead-letter record it caused has been acknowledged by the broker. When outputs cannot be
-delivered (a missing topic, a broker outage), nothing is committed: the consumer seeks back to
-the batch's first offsets and tries again after a backoff (0.5 s doubling to 30 s), so memory
-stays bounded by one batch and nothing is lost. A frame that cannot be decoded goes to the
-dead-letter topic with the reason; it never stops the stream.
+A pipeline of three kinds of thread, so that the encoder is not idle while Kafka I/O and
+decoding happen:
+
+    loop thread     poll a micro-batch -> decoder pool  ->  scorer thread
+                    (owns the consumer)   (decode, resize)   (encoder, k-NN, send records)
+                    commit, in order, the batches whose records were all acknowledged
+
+At-least-once: a batch's offsets are committed only after every alert, score and dead-letter
+record it caused has been acknowledged by the broker, and never past an earlier batch that is
+still in flight. At most `queue_batches` batches are between consumer and commit; beyond that
+the consumer pauses (backpressure) instead of buffering. When outputs cannot be delivered (a
+broker outage, a topic refusing records), nothing more is committed: every batch in flight is
+abandoned, the consumer seeks back to their first offsets and tries again after a backoff
+(0.5 s doubling to 30 s), so memory stays bounded and nothing is lost. A frame that cannot be
+decoded, or (rarely) scored, goes to the dead-letter topic with the reason; it never stops the
+stream.
 
 Counters, metrics and `on_alert` callbacks see a batch only once it was delivered, so a retried
 batch is not counted twice. Incident state is rolled back with a failed batch for the same
 reason: the retried batch sends the alerts the failed one could not.
 
 Hot reload: `reload()` (SIGHUP in `run`), or a change of the bundle at the model path, loads
-the new bundle on a background thread while the loop goes on; it is swapped in between
-batches, so the batch in flight finishes on the old model. A bundle that fails to load is
+the new bundle on a background thread while the loop goes on; batches consumed from then on
+use it, and the batches in flight finish on the old model. A bundle that fails to load is
 logged and the old model stays.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import concurrent.futures
+import contextlib
 import logging
 import os
+import queue
 import threading
 import time
 from collections import Counter as Tally
@@ -93,15 +106,43 @@ class _Frame:
 
 @dataclass
 class _Batch:
-    """What one micro-batch did; applied to stats, metrics and callbacks once delivered."""
+    """One micro-batch on its way through the pipeline, and what it did. Stats, metrics and
+    callbacks see it only once every record it caused was acknowledged."""
 
+    messages: list[Any]
+    detector: Detector  # the model that prepares and scores it, fixed when it was consumed
+    generation: int  # batches of an older generation were abandoned after a failure
+    started: float = field(default_factory=time.monotonic)
+    decoded: (
+        concurrent.futures.Future[tuple[list[_Frame], list[tuple[Any, FrameError, Source]]]] | None
+    ) = None
+    scored: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None  # raised while scoring (OutputError or a bug)
+    snapshot: dict[Any, Any] | None = None  # incident state before this batch was scored
     futures: list[Any] = field(default_factory=list)
-    messages: Tally[str] = field(default_factory=Tally)  # per topic
+    messages_by_topic: Tally[str] = field(default_factory=Tally)
     frames: Tally[str] = field(default_factory=Tally)
     flagged: Tally[str] = field(default_factory=Tally)
     alerts: list[Alert] = field(default_factory=list)
     dead_letters: Tally[str] = field(default_factory=Tally)  # per error class
     incidents_closed: int = 0
+
+    def delivered(self) -> bool | None:
+        """True when every record was acknowledged, False when one failed, None if pending."""
+        if not self.scored.is_set():
+            return None
+        if self.error is not None or any(f.failed() for f in self.futures):
+            return False
+        return True if all(f.is_done for f in self.futures) else None
+
+    def failure(self) -> str:
+        if self.error is not None:
+            return str(self.error)
+        failed = [f for f in self.futures if f.failed()]
+        return (
+            f"{len(failed)} of {len(self.futures)} records were not delivered "
+            f"({failed[0].exception})"
+        )
 
 
 class StreamMonitor:
@@ -142,6 +183,11 @@ class StreamMonitor:
         self._output_problem: str | None = None
         self._last_loop = time.monotonic()
         self._uncommitted: dict[Any, int] = {}  # partition -> next offset, delivered not committed
+        self._inflight: collections.deque[_Batch] = collections.deque()  # consumed, not committed
+        self._to_score: queue.Queue[_Batch | None] = queue.Queue()
+        self._score_lock = threading.Lock()  # the scorer's state: incidents, generation
+        self._stats_lock = threading.Lock()
+        self._generation = 0
         self._reload_lock = threading.Lock()
         self._reload_request: Path | None = None
         self._loading: concurrent.futures.Future[Detector] | None = None
@@ -263,12 +309,24 @@ class StreamMonitor:
                 self.metrics, self.not_alive, self.not_ready, s.metrics_host, s.metrics_port
             ).start()
         consumer = producer = None
+        decoders = concurrent.futures.ThreadPoolExecutor(
+            s.decode_workers, thread_name_prefix="sdns-decode"
+        )
         try:
             consumer, producer = self._consumer(), self._producer()
-            self._loop(consumer, producer, stop, idle_exit_s)
+            scorer = threading.Thread(
+                target=self._score_loop, args=(producer,), name="sdns-score", daemon=True
+            )
+            scorer.start()
+            try:
+                self._loop(consumer, producer, decoders, stop, idle_exit_s)
+            finally:
+                self._to_score.put(None)  # the scorer finishes what it has, then stops
+                scorer.join(timeout=60)
         finally:
             self._joined.clear()
             self.metrics.ready.set(0)
+            decoders.shutdown(wait=False, cancel_futures=True)
             if producer is not None:
                 producer.close(timeout=10)
             if consumer is not None:
@@ -279,36 +337,75 @@ class StreamMonitor:
         return self.stats
 
     def _loop(
-        self, consumer: Any, producer: Any, stop: threading.Event, idle_exit_s: float | None
+        self,
+        consumer: Any,
+        producer: Any,
+        decoders: concurrent.futures.Executor,
+        stop: threading.Event,
+        idle_exit_s: float | None,
     ) -> None:
+        """Consume and hand micro-batches to the decoders and the scorer; commit, in order,
+        what was delivered. At most `queue_batches` batches are between consumer and commit:
+        beyond that the consumer pauses (backpressure) instead of buffering."""
+        s = self.settings
         last_data = time.monotonic()
         backoff = BACKOFF_S[0]
+        paused = False
         while not stop.is_set():
             self._last_loop = time.monotonic()
             self._maybe_reload()
+            if self._settle(consumer) is False:
+                self._retry_later(consumer, backoff, stop)
+                backoff = min(backoff * 2, BACKOFF_S[1])
+                continue
+            if len(self._inflight) >= s.queue_batches:
+                if not paused:
+                    consumer.pause(*consumer.assignment())
+                    paused = True
+                consumer.poll(timeout_ms=0)  # keeps the group membership alive
+                self._wait_head(0.05)
+                continue
+            if paused:
+                consumer.resume(*consumer.paused())
+                paused = False
             messages = self._collect(consumer, stop)
             self._update_gauges(consumer)
             if not messages:
-                if self.incidents.open_count:
-                    self._close_quiet_incidents(producer)
-                if not self._joined.is_set():
-                    last_data = time.monotonic()  # idle time counts once in the group
+                if not self._joined.is_set() or self._inflight:
+                    last_data = time.monotonic()  # idle time counts once in the group, empty
                 elif idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s:
                     break
                 continue
-            started = last_data = time.monotonic()
-            try:
-                self.process(messages, producer)
-            except OutputError as exc:
-                self._retry_later(consumer, messages, exc, backoff, stop)
-                backoff = min(backoff * 2, BACKOFF_S[1])
-                continue
-            if self._output_problem is not None:
-                log.info("outputs delivered again; resuming")
-                self._output_problem = None
-            backoff = BACKOFF_S[0]
-            self._commit(consumer, messages)
-            self.metrics.batch_latency.observe(time.monotonic() - started)
+            last_data = time.monotonic()
+            if self._output_problem is None:
+                backoff = BACKOFF_S[0]
+            batch = _Batch(messages, self.detector, self._generation)
+            batch.decoded = decoders.submit(self._decode_all, messages, batch.detector)
+            self._inflight.append(batch)
+            self._to_score.put(batch)
+        self._drain(consumer, producer)
+
+    def _drain(self, consumer: Any, producer: Any, timeout: float = 60.0) -> None:
+        """On stop: let the batches in flight finish, then commit them."""
+        deadline = time.monotonic() + timeout
+        producer.flush(timeout=max(deadline - time.monotonic(), 0))
+        while self._inflight and time.monotonic() < deadline:
+            if self._settle(consumer) is False:
+                log.warning("stopping with undelivered outputs; their frames were not committed")
+                return
+            self._wait_head(0.05)
+
+    def _wait_head(self, timeout: float) -> None:
+        """Block until the oldest batch in flight is scored and acknowledged (or `timeout`)."""
+        if not self._inflight:
+            return
+        head = self._inflight[0]
+        if not head.scored.wait(timeout):
+            return
+        pending = [f for f in head.futures if not f.is_done]
+        if pending:
+            with contextlib.suppress(Exception):  # failures are read by _settle
+                pending[-1].get(timeout=timeout)
 
     def _collect(self, consumer: Any, stop: threading.Event) -> list[Any]:
         """A micro-batch: up to `batch_size` messages, waiting at most `max_wait_ms` after the
@@ -316,9 +413,10 @@ class StreamMonitor:
         s = self.settings
         out: list[Any] = []
         deadline: float | None = None
+        idle_ms = IDLE_POLL_MS if not self._inflight else 5  # keep committing while busy
         while len(out) < s.batch_size and not stop.is_set():
             if deadline is None:
-                timeout_ms = IDLE_POLL_MS
+                timeout_ms = idle_ms
             else:
                 timeout_ms = int((deadline - time.monotonic()) * 1000)
                 if timeout_ms <= 0:
@@ -332,47 +430,78 @@ class StreamMonitor:
             out.extend(got)
         return out
 
-    def _commit(self, consumer: Any, messages: list[Any]) -> None:
+    def _settle(self, consumer: Any) -> bool | None:
+        """Commit the delivered batches at the head of the pipeline, in order. False when the
+        head batch failed (the caller retries), else None."""
         from kafka import OffsetAndMetadata, TopicPartition
         from kafka.errors import KafkaError
 
-        for m in messages:
-            tp = TopicPartition(m.topic, m.partition)
-            self._uncommitted[tp] = max(self._uncommitted.get(tp, 0), m.offset + 1)
-        offsets = {tp: OffsetAndMetadata(o, "", -1) for tp, o in self._uncommitted.items()}
+        progressed = False
+        while self._inflight:
+            head = self._inflight[0]
+            state = head.delivered()
+            if state is None:
+                break
+            if state is False:
+                if head.error is not None and not isinstance(head.error, OutputError):
+                    raise head.error  # a bug, not a delivery problem: retrying cannot help
+                return False
+            self._inflight.popleft()
+            for m in head.messages:
+                tp = TopicPartition(m.topic, m.partition)
+                self._uncommitted[tp] = max(self._uncommitted.get(tp, 0), m.offset + 1)
+            self._apply(head)
+            self.metrics.batch_latency.observe(time.monotonic() - head.started)
+            progressed = True
+        if not progressed or not self._uncommitted:
+            return None
+        if self._output_problem is not None:
+            log.info("outputs delivered again; resuming")
+            self._output_problem = None
+        assigned = consumer.assignment()
+        offsets = {
+            tp: OffsetAndMetadata(o, "", -1)
+            for tp, o in self._uncommitted.items()
+            if tp in assigned
+        }
         try:
-            consumer.commit(offsets)
+            if offsets:
+                consumer.commit(offsets)
         except KafkaError as exc:
             # Delivered but not committed: after a rebalance or restart the batch is scored
             # again (duplicates, never a loss). The next commit carries these offsets along.
             log.warning("commit failed (%s); these frames may be scored again", exc)
-            return
+            return None
         self._uncommitted.clear()
+        return None
 
-    def _retry_later(
-        self,
-        consumer: Any,
-        messages: list[Any],
-        exc: OutputError,
-        backoff: float,
-        stop: threading.Event,
-    ) -> None:
-        """Seek back to the batch's first offsets and wait: the batch is consumed again."""
+    def _retry_later(self, consumer: Any, backoff: float, stop: threading.Event) -> None:
+        """The head batch was not delivered: abandon every batch in flight, restore the
+        incident state from before them, seek back to their first offsets and wait. They are
+        consumed and scored again; nothing after them was committed."""
         from kafka import TopicPartition
 
-        self.stats.output_failures += 1
-        self.metrics.output_failures.inc()
-        self._output_problem = f"outputs not delivered ({exc})"
-        self.metrics.ready.set(0)
-        log.error("%s; offsets not committed, retrying in %.1f s", exc, backoff)
+        head = self._inflight[0]
+        problem = head.failure()
+        with self._score_lock:
+            self._generation += 1  # the scorer skips what is still queued
+            if head.snapshot is not None:
+                self.incidents.restore(head.snapshot)
         first: dict[Any, int] = {}
-        for m in messages:
-            tp = TopicPartition(m.topic, m.partition)
-            first[tp] = min(first.get(tp, m.offset), m.offset)
+        for batch in self._inflight:
+            for m in batch.messages:
+                tp = TopicPartition(m.topic, m.partition)
+                first[tp] = min(first.get(tp, m.offset), m.offset)
+        self._inflight.clear()
         assigned = consumer.assignment()
         for tp, offset in first.items():
             if tp in assigned:  # a revoked partition is its new owner's to redo
                 consumer.seek(tp, offset)
+        self.stats.output_failures += 1
+        self.metrics.output_failures.inc()
+        self._output_problem = f"outputs not delivered ({problem})"
+        self.metrics.ready.set(0)
+        log.error("%s; offsets not committed, retrying in %.1f s", problem, backoff)
         stop.wait(backoff)
 
     def _update_gauges(self, consumer: Any) -> None:
@@ -392,51 +521,25 @@ class StreamMonitor:
         self.metrics.incidents_open.set(self.incidents.open_count)
         self.metrics.ready.set(0 if self.not_ready() else 1)
 
-    # ------------------------------------------------------------------ one batch
-    def process(self, messages: list[Any], producer: Any) -> None:
-        """Score one micro-batch and deliver every record it causes (acknowledged), or raise
-        OutputError having changed nothing but the broker's topics."""
-        from kafka.errors import KafkaError
-
-        detector = self.detector  # a reload swaps self.detector only between batches
-        snapshot = self.incidents.snapshot()
-        batch = _Batch()
-        try:
-            frames = self._decode_all(messages, detector, producer, batch)
-            if frames:
-                self._score(frames, detector, producer, batch)
-            self._close_incidents(producer, batch)
-            producer.flush()
-        except KafkaError as exc:  # raised by send() itself: e.g. no metadata for a topic
-            self.incidents.restore(snapshot)
-            raise OutputError(f"{type(exc).__name__}: {exc}") from exc
-        failed = [f for f in batch.futures if f.failed()]
-        if failed:
-            self.incidents.restore(snapshot)
-            raise OutputError(
-                f"{len(failed)} of {len(batch.futures)} records were not delivered "
-                f"({failed[0].exception})"
-            )
-        self._apply(batch)
-
+    # ------------------------------------------------------------------ decode and score
     def _decode_all(
-        self, messages: list[Any], detector: Detector, producer: Any, batch: _Batch
-    ) -> list[_Frame]:
+        self, messages: list[Any], detector: Detector
+    ) -> tuple[list[_Frame], list[tuple[Any, FrameError, Source]]]:
+        """On a decoder thread: frames prepared for `detector`, and the undecodable messages."""
         frames: list[_Frame] = []
+        dead: list[tuple[Any, FrameError, Source]] = []
         for m in messages:
-            batch.messages[m.topic] += 1
             key, key_encoding = encode_key(m.key)
             base = dict(topic=m.topic, partition=m.partition, offset=m.offset, key=key,
                         key_encoding=key_encoding, timestamp_ms=m.timestamp)  # fmt: skip
             try:
                 images = detector.prepare(self._decode(m))
             except FrameError as exc:
-                batch.futures.append(self._dead_letter(producer, m, exc, Source(**base)))
-                batch.dead_letters[type(exc).__name__] += 1
+                dead.append((m, exc, Source(**base)))
                 continue
             for i in range(images.shape[0]):
                 frames.append(_Frame(Source(**base, frame_index=i), m.key, images[i : i + 1]))
-        return frames
+        return frames, dead
 
     def _decode(self, message: Any) -> np.ndarray:
         value = message.value
@@ -450,6 +553,65 @@ class StreamMonitor:
         headers = dict(message.headers or [])
         content_type = headers.get("content-type")
         return decode_bytes(value, content_type.decode("latin-1") if content_type else None)
+
+    def _score_loop(self, producer: Any) -> None:
+        """The scorer thread: scores queued batches in order and sends their records."""
+        while True:
+            try:
+                batch = self._to_score.get(timeout=IDLE_POLL_MS / 1000)
+            except queue.Empty:
+                if self.incidents.open_count:
+                    self._close_quiet_incidents(producer)
+                continue
+            if batch is None:
+                return
+            with self._score_lock:
+                if batch.generation != self._generation:
+                    batch.error = OutputError("abandoned after an earlier batch failed")
+                else:
+                    self._score_batch(batch, producer)
+            batch.scored.set()
+
+    def _score_batch(self, batch: _Batch, producer: Any) -> None:
+        from kafka.errors import KafkaError
+
+        batch.snapshot = self.incidents.snapshot()
+        try:
+            assert batch.decoded is not None
+            frames, dead = batch.decoded.result()
+            for m in batch.messages:
+                batch.messages_by_topic[m.topic] += 1
+            for message, exc, source in dead:
+                batch.futures.append(self._dead_letter(producer, message, exc, source))
+                batch.dead_letters[type(exc).__name__] += 1
+            if frames:
+                self._score(frames, batch, producer)
+            self._close_incidents(producer, batch)
+        except KafkaError as exc:  # raised by send() itself: e.g. no metadata for a topic
+            batch.error = OutputError(f"{type(exc).__name__}: {exc}")
+        except BaseException as exc:  # a bug: surfaced by the loop, which stops
+            batch.error = exc
+            log.exception("scoring a batch failed")
+
+    def process(self, messages: list[Any], producer: Any) -> None:
+        """Score one micro-batch synchronously and deliver every record it causes
+        (acknowledged), or raise OutputError having changed nothing but the broker's topics.
+        For embedding without a consumer; `run` pipelines the same steps."""
+        batch = _Batch(messages, self.detector, self._generation)
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        done.set_result(self._decode_all(messages, batch.detector))
+        batch.decoded = done
+        with self._score_lock:
+            self._score_batch(batch, producer)
+        producer.flush()
+        batch.scored.set()
+        if not batch.delivered():
+            if batch.snapshot is not None:
+                self.incidents.restore(batch.snapshot)
+            if isinstance(batch.error, OutputError) or batch.error is None:
+                raise OutputError(batch.failure())
+            raise batch.error
+        self._apply(batch)
 
     def _dead_letter(self, producer: Any, message: Any, exc: BaseException, source: Source) -> Any:
         if self._log_throttle.ready(type(exc).__name__):
@@ -469,12 +631,15 @@ class StreamMonitor:
             headers=dead_letter_headers(list(message.headers or []), exc, source),
         )
 
-    def _score(
-        self, frames: list[_Frame], detector: Detector, producer: Any, batch: _Batch
-    ) -> None:
-        s = self.settings
+    def _score(self, frames: list[_Frame], batch: _Batch, producer: Any) -> None:
+        s, detector = self.settings, batch.detector
         model = ModelRef(hash=detector.hash, name=detector.name)
-        scores = detector.anomaly_scores(np.concatenate([f.image for f in frames]))
+        try:
+            scores = detector.anomaly_scores(np.concatenate([f.image for f in frames]))
+        except Exception:
+            frames, scores = self._score_one_by_one(frames, batch, producer)
+            if not frames:
+                return
         result = detector.result(scores, alarm_rate=s.alarm_rate, threshold=s.threshold)
         now_ms = int(time.time() * 1000)
         for i, frame in enumerate(frames):
@@ -501,6 +666,29 @@ class StreamMonitor:
             batch.alerts.append(alert)
             batch.futures.append(producer.send(s.alert_topic, key=frame.key, value=_json(alert)))
 
+    def _score_one_by_one(
+        self, frames: list[_Frame], batch: _Batch, producer: Any
+    ) -> tuple[list[_Frame], np.ndarray]:
+        """The batch could not be scored: score frame by frame and dead-letter the frames that
+        fail, so that one frame never stops the stream."""
+        kept, scores = [], []
+        for frame in frames:
+            try:
+                scores.append(batch.detector.anomaly_scores(frame.image)[0])
+                kept.append(frame)
+            except Exception as exc:
+                log.exception("scoring failed for %s[%d]@%d", frame.source.topic,
+                              frame.source.partition, frame.source.offset)  # fmt: skip
+                message = next(
+                    m for m in batch.messages
+                    if (m.topic, m.partition, m.offset)
+                    == (frame.source.topic, frame.source.partition, frame.source.offset)
+                )  # fmt: skip
+                error = FrameError(f"scoring failed: {type(exc).__name__}: {exc}")
+                batch.futures.append(self._dead_letter(producer, message, error, frame.source))
+                batch.dead_letters["ScoringError"] += 1
+        return kept, np.asarray(scores, dtype=np.float64)
+
     def _close_incidents(self, producer: Any, batch: _Batch) -> None:
         """Send a closing record for every incident whose key has been quiet for a window."""
         for closed in self.incidents.expire(int(time.time() * 1000)):
@@ -514,15 +702,20 @@ class StreamMonitor:
             )
 
     def _close_quiet_incidents(self, producer: Any) -> None:
-        """On an idle stream: close quiet incidents on their own (retried on the next round)."""
+        """On the scorer thread of an idle stream: close quiet incidents (retried next time
+        if their records are not delivered)."""
         try:
             self.process([], producer)
         except OutputError as exc:
             log.error("%s; will try again", exc)
 
     def _apply(self, batch: _Batch) -> None:
+        with self._stats_lock:  # the loop and, for incident closings, the scorer call this
+            self._apply_locked(batch)
+
+    def _apply_locked(self, batch: _Batch) -> None:
         st, m = self.stats, self.metrics
-        st.messages += sum(batch.messages.values())
+        st.messages += sum(batch.messages_by_topic.values())
         st.frames += sum(batch.frames.values())
         st.flagged += sum(batch.flagged.values())
         st.alerts += len(batch.alerts)
@@ -530,7 +723,7 @@ class StreamMonitor:
         st.incidents_closed += batch.incidents_closed
         if batch.messages:
             st.batches += 1
-        for topic, n in batch.messages.items():
+        for topic, n in batch.messages_by_topic.items():
             m.messages.labels(topic=topic).inc(n)
         for topic, n in batch.frames.items():
             m.frames.labels(topic=topic).inc(n)
@@ -594,7 +787,7 @@ def _rebalance_listener(monitor: StreamMonitor, consumer: Any) -> Any:
         # sequential loop every delivered batch is committed before the next poll, so this
         # only matters after a commit failed.
         def on_partitions_revoked(self, revoked: set[Any]) -> None:
-            pending = {tp: o for tp, o in monitor._uncommitted.items() if tp in revoked}
+            pending = {tp: o for tp, o in list(monitor._uncommitted.items()) if tp in revoked}
             if pending:
                 offsets = {tp: OffsetAndMetadata(o, "", -1) for tp, o in pending.items()}
                 consumer.commit_async(offsets, callback=_log_commit_failure)
