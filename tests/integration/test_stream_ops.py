@@ -9,6 +9,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from kafka_helpers import (
     noise,
     png,
     produce,
+    read_all,
     read_json,
     run_settings,
     topics,
@@ -198,6 +201,74 @@ def test_a_topic_pattern_watches_every_matching_topic(
         names["cams-a"],
         names["cams-b"],
     }
+
+
+class _PoisonedDetector(Detector):
+    """A model with a bug on one kind of input (all-white frames): scoring them raises."""
+
+    def anomaly_scores(self, prepared: np.ndarray) -> np.ndarray:
+        if (prepared.reshape(len(prepared), -1).min(axis=1) == 255).any():
+            raise RuntimeError("model bug on white frames")
+        return super().anomaly_scores(prepared)
+
+
+@pytest.mark.integration
+def test_a_frame_the_model_cannot_score_is_a_dead_letter_and_the_rest_flows(
+    kafka_broker: Broker, tiny_bundle: Path, fashion_test: np.ndarray
+) -> None:
+    names = topics(kafka_broker, "frames", "dlq", "scores")
+    white = np.full((16, 16, 1), 255, np.uint8)
+    frames = [png(fashion_test[2600 + i]) for i in range(20)]
+    frames.insert(7, png(white))
+    produce(kafka_broker, names["frames"], frames)
+    det = _PoisonedDetector(Detector.load(tiny_bundle, device="cpu").bundle, device="cpu")
+    # queue_batches=1 and tiny batches: the sequential extreme of the pipeline.
+    settings = run_settings(kafka_broker, tiny_bundle, names, batch_size=4, queue_batches=1)
+    stats = StreamMonitor(settings, detector=det).run(idle_exit_s=3.0)
+    assert (stats.messages, stats.frames, stats.dead_letters) == (21, 20, 1)
+    (dead,) = read_all(kafka_broker, names["dlq"], 1)
+    headers = dict(dead.headers)
+    assert headers["sdns-error"].startswith(b"scoring failed: RuntimeError: model bug")
+    assert int(headers["sdns-source-offset"]) == 7
+    assert len(read_json(kafka_broker, names["scores"], 20)) == 20
+
+
+class _SlowDetector(Detector):
+    """A model slower than the consumer (as a large encoder on a CPU is)."""
+
+    def anomaly_scores(self, prepared: np.ndarray) -> np.ndarray:
+        time.sleep(0.03)
+        return super().anomaly_scores(prepared)
+
+
+@pytest.mark.integration
+def test_the_pipeline_never_holds_more_than_queue_batches(
+    kafka_broker: Broker, tiny_bundle: Path, fashion_test: np.ndarray
+) -> None:
+    names = topics(kafka_broker, "frames", "scores")
+    produce(kafka_broker, names["frames"], [png(image) for image in fashion_test[:400]])
+    settings = run_settings(kafka_broker, tiny_bundle, names, batch_size=8, queue_batches=3)
+    det = _SlowDetector(Detector.load(tiny_bundle, device="cpu").bundle, device="cpu")
+    monitor = StreamMonitor(settings, detector=det)
+    seen: list[int] = []
+    sampler_stop = threading.Event()
+
+    def sample() -> None:
+        while not sampler_stop.is_set():
+            seen.append(len(monitor._inflight))
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        stats = monitor.run(idle_exit_s=3.0)
+    finally:
+        sampler_stop.set()
+        sampler.join()
+    assert stats.frames == 400
+    assert max(seen) == 3  # the slow model filled the pipeline; the consumer paused there
+    offsets = _offsets(read_json(kafka_broker, names["scores"], 400))
+    assert set(offsets.values()) == {1} and len(offsets) == 400
 
 
 def _run_cli(broker: Broker, bundle: Path, names: dict[str, str], *extra: str) -> Any:
