@@ -43,9 +43,10 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/sdns-monitor demo --workdir $(RUN_DIR)/demo
 
-# Fit the quick recipe and evaluate it beside the pixel-space kernel score (about 8 minutes).
+# Speed and memory side by side: scorer vs its parts, run vs its slowest stage, FAISS vs
+# scikit-learn, bank growth, latency, peak memory (about 15 minutes on 2 cores).
 bench: $(STAMP)
-	$(PY) benchmarks/recipes.py --recipes quick --out benchmarks/results/recipes-quick.json
+	$(PY) benchmarks/perf.py --out benchmarks/results/perf.json
 
 # The quick and default recipes side by side (about 70 minutes on 2 cores).
 bench-recipes: $(STAMP)

@@ -1,12 +1,14 @@
 """The reference bank: L2-normalised features searched by inner product.
 
 The index type is a FAISS factory string stored in the manifest ("Flat" = exact; "IVF...",
-"HNSW..." for large banks), built with the inner-product metric. k = None means all
+"HNSW..." for large banks), built with the inner-product metric and searched with NPROBE
+inverted lists / an HNSW candidate list of EF_SEARCH. k = None means all
 references (exact, by matrix products in chunks; no index needed).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -49,6 +51,7 @@ class ReferenceIndex:
             if not index.is_trained:
                 index.train(self.features)
             index.add(self.features)
+            _search_effort(index)
             self._faiss = index
         return self._faiss
 
@@ -62,6 +65,22 @@ class ReferenceIndex:
         # FAISS pads with -inf-like values when fewer than k are found (IVF); drop them.
         sims_t = torch.from_numpy(sims)
         return torch.where(sims_t < -1e30, torch.full_like(sims_t, -1e4), sims_t)
+
+
+# Approximate indexes search this hard by default (FAISS's own defaults, nprobe 1 and efSearch
+# 16, lose most neighbours in a few hundred dimensions): the inverted lists probed, at most
+# all of them, and the HNSW candidate list.
+NPROBE = 64
+EF_SEARCH = 256
+
+
+def _search_effort(index: Any) -> None:
+    import faiss
+
+    params = faiss.ParameterSpace()
+    for setting in (f"nprobe={NPROBE}", f"efSearch={EF_SEARCH}"):
+        with contextlib.suppress(RuntimeError):  # an index without that parameter (Flat)
+            params.set_index_parameters(index, setting)
 
 
 def anomaly_scores(

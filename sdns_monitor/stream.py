@@ -270,6 +270,9 @@ class StreamMonitor:
             auto_offset_reset="earliest" if s.from_beginning else "latest",
             session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=s.heartbeat_interval_ms,
+            # The broker may hold a fetch this long waiting for data: keep it near the batch
+            # wait, or frames of a quiet stream wait the client's 500 ms default.
+            fetch_max_wait_ms=min(500, max(10, s.max_wait_ms)),
             max_partition_fetch_bytes=max(s.max_frame_bytes + 1024, 1 << 20),
             fetch_max_bytes=max(s.max_frame_bytes * 2, 50 << 20),
             **s.security.client_options(),
