@@ -50,6 +50,16 @@ class ScoreOpt(StrEnum):
 SCORE_HELP = "sdns (the paper's), combined (with the low-level score), or auto (the bundle's)"
 
 
+class BackendOpt(StrEnum):
+    auto = "auto"
+    eager = "eager"
+    compile = "compile"
+    tensorrt = "tensorrt"
+
+
+BACKEND_HELP = "Encoder backend: auto (the fastest available), eager, compile or tensorrt"
+
+
 def _err(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
 
@@ -194,13 +204,14 @@ def evaluate(
     ] = None,
     device: Annotated[str, typer.Option()] = "auto",
     score: Annotated[ScoreOpt, typer.Option(help=SCORE_HELP)] = ScoreOpt.auto,
+    backend: Annotated[BackendOpt, typer.Option(help=BACKEND_HELP)] = BackendOpt.eager,
 ) -> None:
     """AUROC, FPR at 95% TPR and AUPR of the anomaly score, in-distribution vs each OOD set."""
+    from sdns_monitor.detector import Detector
     from sdns_monitor.eval_bundle import evaluate_bundle
 
-    result = evaluate_bundle(
-        model, id, ood, report_dir=report, limit=limit, device=device, score=score.value
-    )
+    det = Detector.load(model, device=device, score=score.value, backend=backend.value)
+    result = evaluate_bundle(model, id, ood, report_dir=report, limit=limit, detector=det)
     if json_out:
         typer.echo(json.dumps(result))
         return
@@ -224,13 +235,14 @@ def score(
     ] = None,
     device: Annotated[str, typer.Option()] = "auto",
     score: Annotated[ScoreOpt, typer.Option(help=SCORE_HELP)] = ScoreOpt.auto,
+    backend: Annotated[BackendOpt, typer.Option(help=BACKEND_HELP)] = BackendOpt.eager,
 ) -> None:
     """Score images; print one JSON line per image."""
     from sdns_monitor.data import load_dataset
     from sdns_monitor.detector import Detector, check_rule
 
     check_rule(alarm_rate, threshold)
-    det = Detector.load(model, device=device, score=score.value)
+    det = Detector.load(model, device=device, score=score.value, backend=backend.value)
     # Loading at the model's input size resizes image folders of mixed sizes, and keeps
     # memory to what scoring needs; Detector.prepare then leaves the images as they are.
     data = load_dataset(spec, size=det.manifest.input.size)
@@ -303,6 +315,7 @@ def run(
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N")] = None,
     score: Annotated[ScoreOpt | None, typer.Option(help=SCORE_HELP)] = None,
+    backend: Annotated[BackendOpt | None, typer.Option(help=BACKEND_HELP)] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Where engine caches go")] = None,
     metrics_host: Annotated[
         str | None, typer.Option(help="Address of /metrics, /healthz, /readyz")
@@ -335,6 +348,7 @@ def run(
     """
     given = {k: v for k, v in locals().items() if k != "config"}  # the options, before imports
     given["score"] = score.value if score is not None else None
+    given["backend"] = backend.value if backend is not None else None
     import logging
     import os
     import signal
@@ -460,6 +474,38 @@ def demo(
                       f"{flagged / max(frames, 1):.3f}")  # fmt: skip
     Console().print(kinds)
     typer.echo(f"report with the flagged frames: {summary.report}")
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Option(help="Model bundle")],
+    backend: Annotated[BackendOpt, typer.Option(help=BACKEND_HELP)] = BackendOpt.tensorrt,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Engine cache (default ~/.cache/sdns-monitor)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Largest batch the engine takes")] = 256,
+) -> None:
+    """Build the encoder for a backend ahead of time (a TensorRT engine in the cache directory)
+    and check that it agrees with eager fp32 on random input."""
+    import torch
+
+    from sdns_monitor.backends import TOLERANCE, agreement
+    from sdns_monitor.detector import Detector
+
+    det = Detector.load(model, device=device, backend=backend.value, cache_dir=cache_dir,
+                        batch_size=batch_size)  # fmt: skip
+    eager = Detector(det.bundle, device=det.device, backend="eager")
+    spec = det.manifest.input
+    x = torch.rand(8, spec.channels, spec.model_size, spec.model_size, device=det.device)
+    with torch.inference_mode():
+        similarity = agreement(det.encoder(x), eager.encoder(x))
+    if similarity < TOLERANCE[det.backend]:
+        raise SdnsError(
+            f"the {det.backend} encoder disagrees with eager (cosine {similarity:.5f} < "
+            f"{TOLERANCE[det.backend]}); do not use it"
+        )
+    typer.echo(f"{det.backend} encoder ready on {det.device}; cosine vs eager {similarity:.6f}")
 
 
 @app.command()

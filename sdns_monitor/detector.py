@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from sdns_monitor.backbones import create_backbone
+from sdns_monitor.backends import build_encoder
 from sdns_monitor.bundle import Bundle, load_bundle
 from sdns_monitor.device import resolve_device
 from sdns_monitor.errors import BundleError, ConfigError, FrameError
@@ -52,7 +53,11 @@ class Detector:
         device: str | torch.device = "auto",
         batch_size: int = 256,
         score: ScoreMode = "auto",
+        backend: str = "eager",
+        cache_dir: Path | None = None,
     ):
+        """`backend`: eager, compile, tensorrt or auto (sdns_monitor.backends); `cache_dir`
+        holds TensorRT engines (default ~/.cache/sdns-monitor)."""
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -63,7 +68,10 @@ class Detector:
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             raise BundleError(f"{bundle.path}: weights do not fit the backbone ({first})") from None
-        self.encoder = encoder.to(self.device).eval()
+        self.encoder, self.backend = build_encoder(
+            encoder, backend, self.device, self.manifest.input, bundle_hash=bundle.hash,
+            cache_dir=cache_dir, max_batch=batch_size,
+        )  # fmt: skip
         spec = self.manifest.score
         self.index = ReferenceIndex(bundle.features, spec.index_factory, self.device)
         self.k = spec.k

@@ -80,7 +80,7 @@ def _search_effort(index: Any) -> None:
     params = faiss.ParameterSpace()
     for setting in (f"nprobe={NPROBE}", f"efSearch={EF_SEARCH}"):
         with contextlib.suppress(RuntimeError):  # an index without that parameter (Flat)
-            params.set_index_parameters(index, setting)
+            params.set_index_parameters(index, setting)  # type: ignore[arg-type]
 
 
 def anomaly_scores(

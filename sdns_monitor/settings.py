@@ -108,6 +108,7 @@ class RunSettings(BaseModel):
     incident_cooldown_s: float = Field(300.0, ge=0)
     device: str = "auto"  # auto, cpu, cuda, cuda:N (checked when the model loads)
     score: Literal["auto", "sdns", "combined"] = "auto"  # see Detector
+    backend: Literal["auto", "eager", "compile", "tensorrt"] = "auto"  # sdns_monitor.backends
     reload_check_s: float = Field(10.0, ge=0)  # how often to look for a changed bundle; 0: never
     security: KafkaSecurity = Field(default_factory=KafkaSecurity)
 

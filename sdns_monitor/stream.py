@@ -166,9 +166,7 @@ class StreamMonitor:
         on_alert: Callable[[Alert], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.detector = detector or Detector.load(
-            settings.model, device=settings.device, score=settings.score
-        )
+        self.detector = detector or self._load(settings.model)
         self.on_alert = on_alert
         self.stats = StreamStats()
         self.metrics = Metrics()
@@ -195,6 +193,14 @@ class StreamMonitor:
         self._bundle_signature = _signature(settings.model)
         self._next_reload_check = time.monotonic() + settings.reload_check_s
         self._log_throttle = _Throttle(10.0)
+
+    def _load(self, path: Path) -> Detector:
+        s = self.settings
+        det = Detector.load(path, device=s.device, score=s.score, backend=s.backend,
+                            cache_dir=s.cache_dir, batch_size=max(s.batch_size, 64))  # fmt: skip
+        log.info("model %s (%s): score %s, backend %s on %s", det.name, det.hash[:12],
+                 det.score_mode, det.backend, det.device)  # fmt: skip
+        return det
 
     # ------------------------------------------------------------------ embedding API
     def start(self) -> StreamMonitor:
@@ -757,9 +763,7 @@ class StreamMonitor:
         with self._reload_lock:
             request, self._reload_request = self._reload_request, None
         if request is not None and self._loading is None:
-            self._loading = self._loader.submit(
-                Detector.load, request, device=s.device, score=s.score
-            )
+            self._loading = self._loader.submit(self._load, request)
         elif request is not None:  # one load at a time: ask again once this one is done
             self.reload(request)
         if self._loading is None or not self._loading.done():
