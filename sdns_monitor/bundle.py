@@ -89,6 +89,9 @@ class ScoreSpec(BaseModel):
     index_factory: str = "Flat"
     n_reference: int = 0
     k_selection: dict[str, Any] = Field(default_factory=dict)  # how k was chosen, if measured
+    # For an approximate index (not Flat): recall and AUROC against exact search, measured on
+    # validation images at fit time.
+    index_quality: dict[str, float] = Field(default_factory=dict)
     lowlevel: LowLevelSpec | None = None  # None: the bundle has the SDNS score only
     default: Literal["sdns", "combined"] = "sdns"  # the score `auto` picks
 

@@ -60,11 +60,48 @@ class ReferenceIndex:
         when k is None or at least N. Callers chunk the queries (see `anomaly_scores`)."""
         if k is None or k >= len(self):
             return queries.detach().float().to(self.device) @ self._bank.T
+        return self.neighbours(queries, k)[0]
+
+    def neighbours(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Similarities (M x k) and reference ids (M x k, -1 where fewer than k were found)
+        of each query's k nearest references, through the FAISS index."""
         q = queries.detach().float().cpu().contiguous().numpy()
-        sims, _ = self._faiss_index().search(q, k)
+        sims, ids = self._faiss_index().search(q, k)
         # FAISS pads with -inf-like values when fewer than k are found (IVF); drop them.
         sims_t = torch.from_numpy(sims)
-        return torch.where(sims_t < -1e30, torch.full_like(sims_t, -1e4), sims_t)
+        return torch.where(sims_t < -1e30, torch.full_like(sims_t, -1e4), sims_t), ids
+
+
+def approximation_quality(
+    index: ReferenceIndex,
+    id_feats: torch.Tensor,
+    ood_feats: torch.Tensor,
+    k: int | None,
+    temperature: float,
+) -> dict[str, float]:
+    """How an approximate index compares with exact search on the same bank: recall of the
+    top-k neighbours of the in-distribution queries, and the AUROC (in- vs out-of-distribution
+    queries) of the kernel score with either search."""
+    from sdns_monitor.evaluation import ood_metrics
+
+    exact = ReferenceIndex(index.features, "Flat", index.device)
+    kk = min(k or 200, len(index))
+    approx_ids = index.neighbours(id_feats, kk)[1]
+    exact_ids = exact.neighbours(id_feats, kk)[1]
+    recall = float(
+        np.mean([len(set(a) & set(b)) / kk for a, b in zip(approx_ids, exact_ids, strict=True)])
+    )
+    auroc = {}
+    for name, idx in (("approximate", index), ("exact", exact)):
+        a = anomaly_scores(idx, id_feats, k, temperature)
+        b = anomaly_scores(idx, ood_feats, k, temperature)
+        auroc[name] = ood_metrics(a, b).auroc
+    return {
+        f"recall_at_{kk}": recall,
+        "auroc_exact": auroc["exact"],
+        "auroc_approximate": auroc["approximate"],
+        "auroc_change": auroc["approximate"] - auroc["exact"],
+    }
 
 
 # Approximate indexes search this hard by default (FAISS's own defaults, nprobe 1 and efSearch

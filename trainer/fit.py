@@ -39,7 +39,7 @@ from sdns_monitor.device import resolve_device
 from sdns_monitor.errors import BundleError, DataError
 from sdns_monitor.evaluation import ood_metrics
 from sdns_monitor.features import extract_features
-from sdns_monitor.index import ReferenceIndex, anomaly_scores
+from sdns_monitor.index import ReferenceIndex, anomaly_scores, approximation_quality
 from sdns_monitor.lowlevel import DEFAULT_K, combine, lowlevel_features, pooled_side
 from sdns_monitor.preprocess import prepare_uint8
 from trainer.config import TrainConfig
@@ -251,6 +251,14 @@ def fit(
         val_auroc = measured["auroc_all"]
     cal_feats = extract_features(teacher, splits.calibration.images, spec, dev)
     cal_scores = anomaly_scores(index, cal_feats, k, cfg.score_temperature)
+    index_quality: dict[str, float] = {}
+    if cfg.index_factory != "Flat" and val_id is not None and val_ood is not None:
+        index_quality = approximation_quality(index, val_id, val_ood, k, cfg.score_temperature)
+        log(
+            f"{cfg.index_factory} against exact search on validation images: recall "
+            f"{next(iter(index_quality.values())):.3f}, AUROC change "
+            f"{index_quality['auroc_change']:+.4f}"
+        )
 
     low_spec = low_bank = cal_combined = None
     if cfg.lowlevel and val_id is not None and val_ood is not None and val_shifted is not None:
@@ -288,6 +296,7 @@ def fit(
             index_factory=cfg.index_factory,
             n_reference=len(bank),
             k_selection=k_record,
+            index_quality=index_quality,
             lowlevel=low_spec,
             default=low_spec.validation["default"] if low_spec else "sdns",
         ),
