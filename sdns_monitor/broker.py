@@ -129,6 +129,9 @@ def start_broker(
         port = free_port(host)
     else:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            # As a listening server does: connections of a broker that just stopped may still
+            # be in TIME_WAIT, which must not make a restart on the same port fail.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, port))
             except OSError:

@@ -34,6 +34,7 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
+import math
 import os
 import queue
 import threading
@@ -126,6 +127,7 @@ class _Batch:
     alerts: list[Alert] = field(default_factory=list)
     dead_letters: Tally[str] = field(default_factory=Tally)  # per error class
     incidents_closed: int = 0
+    closed_ids: list[str] = field(default_factory=list)
 
     def delivered(self) -> bool | None:
         """True when every record was acknowledged, False when one failed, None if pending."""
@@ -179,6 +181,7 @@ class StreamMonitor:
         self._error: BaseException | None = None
         self._joined = threading.Event()
         self._output_problem: str | None = None
+        self._broker_problem: str | None = None
         self._last_loop = time.monotonic()
         self._uncommitted: dict[Any, int] = {}  # partition -> next offset, delivered not committed
         self._inflight: collections.deque[_Batch] = collections.deque()  # consumed, not committed
@@ -186,6 +189,7 @@ class StreamMonitor:
         self._score_lock = threading.Lock()  # the scorer's state: incidents, generation
         self._stats_lock = threading.Lock()
         self._generation = 0
+        self._out: Any = None  # the producer; replaced after a delivery failure
         self._reload_lock = threading.Lock()
         self._reload_request: Path | None = None
         self._loading: concurrent.futures.Future[Detector] | None = None
@@ -255,6 +259,8 @@ class StreamMonitor:
             return "not ready: the consumer has not joined its group yet"
         if self._output_problem is not None:
             return f"not ready: {self._output_problem}"
+        if self._broker_problem is not None:
+            return f"not ready: {self._broker_problem}"
         return None
 
     def not_alive(self) -> str | None:
@@ -317,18 +323,16 @@ class StreamMonitor:
             self.health = HealthServer(
                 self.metrics, self.not_alive, self.not_ready, s.metrics_host, s.metrics_port
             ).start()
-        consumer = producer = None
+        consumer = None
         decoders = concurrent.futures.ThreadPoolExecutor(
             s.decode_workers, thread_name_prefix="sdns-decode"
         )
         try:
-            consumer, producer = self._consumer(), self._producer()
-            scorer = threading.Thread(
-                target=self._score_loop, args=(producer,), name="sdns-score", daemon=True
-            )
+            consumer, self._out = self._consumer(), self._producer()
+            scorer = threading.Thread(target=self._score_loop, name="sdns-score", daemon=True)
             scorer.start()
             try:
-                self._loop(consumer, producer, decoders, stop, idle_exit_s)
+                self._loop(consumer, decoders, stop, idle_exit_s)
             finally:
                 self._to_score.put(None)  # the scorer finishes what it has, then stops
                 scorer.join(timeout=60)
@@ -336,8 +340,8 @@ class StreamMonitor:
             self._joined.clear()
             self.metrics.ready.set(0)
             decoders.shutdown(wait=False, cancel_futures=True)
-            if producer is not None:
-                producer.close(timeout=10)
+            if self._out is not None:
+                self._out.close(timeout=10)
             if consumer is not None:
                 consumer.close()  # leaves the group, so partitions move on at once
             if self.health is not None:
@@ -348,7 +352,6 @@ class StreamMonitor:
     def _loop(
         self,
         consumer: Any,
-        producer: Any,
         decoders: concurrent.futures.Executor,
         stop: threading.Event,
         idle_exit_s: float | None,
@@ -392,12 +395,12 @@ class StreamMonitor:
             batch.decoded = decoders.submit(self._decode_all, messages, batch.detector)
             self._inflight.append(batch)
             self._to_score.put(batch)
-        self._drain(consumer, producer)
+        self._drain(consumer)
 
-    def _drain(self, consumer: Any, producer: Any, timeout: float = 60.0) -> None:
+    def _drain(self, consumer: Any, timeout: float = 60.0) -> None:
         """On stop: let the batches in flight finish, then commit them."""
         deadline = time.monotonic() + timeout
-        producer.flush(timeout=max(deadline - time.monotonic(), 0))
+        self._out.flush(timeout=max(deadline - time.monotonic(), 0))
         while self._inflight and time.monotonic() < deadline:
             if self._settle(consumer) is False:
                 log.warning("stopping with undelivered outputs; their frames were not committed")
@@ -496,6 +499,7 @@ class StreamMonitor:
             self._generation += 1  # the scorer skips what is still queued
             if head.snapshot is not None:
                 self.incidents.restore(head.snapshot)
+            self._renew_producer()
         first: dict[Any, int] = {}
         for batch in self._inflight:
             for m in batch.messages:
@@ -513,7 +517,19 @@ class StreamMonitor:
         log.error("%s; offsets not committed, retrying in %.1f s", problem, backoff)
         stop.wait(backoff)
 
+    def _renew_producer(self) -> None:
+        """A fresh producer for the retry: a client whose broker went away can keep a stale
+        state (a producer id the restarted broker does not know) and fail forever."""
+        try:
+            fresh = self._producer()
+        except Exception as exc:  # the broker is still away: keep the old one, try next time
+            log.warning("could not create a new producer (%s)", exc)
+            return
+        old, self._out = self._out, fresh
+        threading.Thread(target=old.close, kwargs={"timeout": 5}, daemon=True).start()
+
     def _update_gauges(self, consumer: Any) -> None:
+        self._broker_problem = _heartbeat_problem(consumer, self.settings.session_timeout_ms)
         lag: Tally[str] = Tally()
         for tp in consumer.assignment():
             high = consumer.highwater(tp)
@@ -563,14 +579,14 @@ class StreamMonitor:
         content_type = headers.get("content-type")
         return decode_bytes(value, content_type.decode("latin-1") if content_type else None)
 
-    def _score_loop(self, producer: Any) -> None:
+    def _score_loop(self) -> None:
         """The scorer thread: scores queued batches in order and sends their records."""
         while True:
             try:
                 batch = self._to_score.get(timeout=IDLE_POLL_MS / 1000)
             except queue.Empty:
-                if self.incidents.open_count:
-                    self._close_quiet_incidents(producer)
+                if self.incidents.open_count and self._output_problem is None:
+                    self._close_quiet_incidents(self._out)
                 continue
             if batch is None:
                 return
@@ -578,7 +594,7 @@ class StreamMonitor:
                 if batch.generation != self._generation:
                     batch.error = OutputError("abandoned after an earlier batch failed")
                 else:
-                    self._score_batch(batch, producer)
+                    self._score_batch(batch, self._out)
             batch.scored.set()
 
     def _score_batch(self, batch: _Batch, producer: Any) -> None:
@@ -702,9 +718,7 @@ class StreamMonitor:
         """Send a closing record for every incident whose key has been quiet for a window."""
         for closed in self.incidents.expire(int(time.time() * 1000)):
             batch.incidents_closed += 1
-            log.info(
-                "incident %s closed after %d flagged frames", closed.incident_id, closed.frames
-            )
+            batch.closed_ids.append(f"{closed.incident_id} ({closed.frames} flagged frames)")
             key = None if closed.key is None else _raw_key(closed.key, closed.key_encoding)
             batch.futures.append(
                 producer.send(self.settings.alert_topic, key=key, value=_json(closed))
@@ -730,6 +744,8 @@ class StreamMonitor:
         st.alerts += len(batch.alerts)
         st.dead_letters += sum(batch.dead_letters.values())
         st.incidents_closed += batch.incidents_closed
+        for closed in batch.closed_ids:  # logged once delivered, not on every attempt
+            log.info("incident %s closed", closed)
         if batch.messages:
             st.batches += 1
         for topic, n in batch.messages_by_topic.items():
@@ -815,6 +831,19 @@ def _rebalance_listener(monitor: StreamMonitor, consumer: Any) -> Any:
             log.warning("partitions lost (group membership expired): %s", _partitions(lost))
 
     return Listener()
+
+
+def _heartbeat_problem(consumer: Any, session_timeout_ms: int) -> str | None:
+    """Why the consumer is cut off from its group coordinator, if it is: no heartbeat answer
+    for a whole session timeout (the broker is down or unreachable)."""
+    try:
+        metrics = consumer.metrics().get("consumer-coordinator-metrics", {})
+    except Exception:  # metrics are best effort; never fail the loop over them
+        return None
+    ago = metrics.get("last-heartbeat-seconds-ago")
+    if ago is None or not math.isfinite(ago) or ago * 1000 <= session_timeout_ms:
+        return None  # unknown (no heartbeat yet: inf) or recent
+    return f"no heartbeat answer from the group coordinator for {ago:.0f} s (broker down?)"
 
 
 def _log_commit_failure(offsets: Any, error: Any) -> None:

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.admin import NewTopic
 from kafka_helpers import (
     TANSU_ENV,
     LineReader,
@@ -118,6 +119,37 @@ def test_rejected_outputs_are_retried_and_never_committed(
         assert (stats.frames, stats.alerts) == (3, 3)
         assert len(read_json(broker, names["alerts2"], 3)) == 3
         assert _committed(broker, settings.group_id, names["frames"]) == 3
+
+
+@pytest.mark.integration
+def test_a_broker_outage_is_survived(tmp_path: Path, tiny_bundle: Path, det: Detector) -> None:
+    """The broker stops and comes back on the same port (in-memory storage: empty again). The
+    monitor neither crashes nor stalls, says not ready meanwhile, and scores what arrives
+    afterwards."""
+    broker = start_broker(log=tmp_path / "tansu.log")
+    names = topics(broker, "frames", "alerts")
+    produce(broker, names["frames"], [png(image) for image in noise(5, seed=8)])
+    settings = run_settings(broker, tiny_bundle, names, incident_cooldown_s=0)
+    monitor = StreamMonitor(settings, detector=det).start()
+    restarted = None
+    try:
+        wait_for(lambda: monitor.stats.frames == 5, 30, "the first frames")
+        broker.stop()
+        wait_for(lambda: monitor.not_ready() is not None, 30, "not ready during the outage")
+        assert "broker down" in (monitor.not_ready() or "") and monitor.not_alive() is None
+        restarted = start_broker(broker.port, log=tmp_path / "tansu2.log")
+        admin = KafkaAdminClient(bootstrap_servers=restarted.bootstrap_servers)
+        admin.create_topics([NewTopic(names[t], 1, 1) for t in ("frames", "alerts")])
+        admin.close()
+        produce(restarted, names["frames"], [png(image) for image in noise(3, seed=9)])
+        wait_for(lambda: monitor.stats.frames == 8, 90, "frames after the restart")
+        wait_for(lambda: monitor.not_ready() is None, 30, "ready again")
+        assert len(read_json(restarted, names["alerts"], 3)) == 3  # the new frames' alerts
+    finally:
+        monitor.stop()
+        if restarted is not None:
+            restarted.stop()
+    assert monitor.error is None
 
 
 def _renamed_copy(bundle: Path, out: Path, name: str) -> Path:
