@@ -130,3 +130,22 @@ def test_a_broken_camera_is_one_incident_that_closes(
     alert, closed = records
     assert closed["incident_id"] == alert["incident"]["id"] and closed["key"] == "cam7"
     assert (closed["frames"], closed["alerts"]) == (6, 1)
+
+
+@pytest.mark.integration
+def test_in_distribution_frames_are_flagged_at_the_alarm_rate(
+    kafka_broker: Broker, tiny_bundle: Path, det: Detector, fashion_test: np.ndarray
+) -> None:
+    """Independent in-distribution frames (Fashion-MNIST test images in neither the tiny
+    bundle's bank nor its calibration set) are flagged at about the alarm rate: conformal
+    p-values, end to end through the stream."""
+    names = topics(kafka_broker, "frames", "scores")
+    frames = fashion_test[600:1400]
+    produce(kafka_broker, names["frames"], [png(image) for image in frames])
+    settings = run_settings(kafka_broker, tiny_bundle, names, alarm_rate=0.1, batch_size=128)
+    stats = StreamMonitor(settings, detector=det).run(idle_exit_s=3.0)
+    n, alpha = len(frames), 0.1
+    assert stats.frames == n
+    sd = (n * alpha * (1 - alpha)) ** 0.5
+    # Within 4 binomial standard deviations of n * alpha (a false failure once in ~15,000 runs).
+    assert abs(stats.flagged - n * alpha) <= 4 * sd, (stats.flagged, n * alpha, sd)
