@@ -371,10 +371,12 @@ class StreamMonitor:
                 backoff = min(backoff * 2, BACKOFF_S[1])
                 continue
             if len(self._inflight) >= s.queue_batches:
-                if not paused:
-                    consumer.pause(*consumer.assignment())
-                    paused = True
-                consumer.poll(timeout_ms=0)  # keeps the group membership alive
+                consumer.pause(*consumer.assignment())  # again: a rebalance may add partitions
+                paused = True
+                polled = consumer.poll(timeout_ms=0)  # keeps the group membership alive
+                stray = [m for batch in polled.values() for m in batch]
+                if stray:  # whatever the consumer hands out is scored, never dropped
+                    self._submit(stray, decoders)
                 self._wait_head(0.05)
                 continue
             if paused:
@@ -391,11 +393,15 @@ class StreamMonitor:
             last_data = time.monotonic()
             if self._output_problem is None:
                 backoff = BACKOFF_S[0]
-            batch = _Batch(messages, self.detector, self._generation)
-            batch.decoded = decoders.submit(self._decode_all, messages, batch.detector)
-            self._inflight.append(batch)
-            self._to_score.put(batch)
+            self._submit(messages, decoders)
         self._drain(consumer)
+
+    def _submit(self, messages: list[Any], decoders: concurrent.futures.Executor) -> None:
+        """Send a micro-batch down the pipeline (decoders, then the scorer)."""
+        batch = _Batch(messages, self.detector, self._generation)
+        batch.decoded = decoders.submit(self._decode_all, messages, batch.detector)
+        self._inflight.append(batch)
+        self._to_score.put(batch)
 
     def _drain(self, consumer: Any, timeout: float = 60.0) -> None:
         """On stop: let the batches in flight finish, then commit them."""
