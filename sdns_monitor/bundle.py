@@ -9,7 +9,8 @@
 A bundle is immutable once written: it is written to a temporary sibling and renamed into
 place, and every file's hash is checked on load, so a changed, missing or swapped file is
 refused before any weight is used. The bundle's identity (`Bundle.hash`) is the SHA-256 of its
-manifest, which covers the other files through their hashes.
+manifest, which covers the other files through their hashes. An optional Ed25519 signature
+over the manifest (`manifest.sig`, sdns_monitor.signing) proves who wrote it.
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ class Bundle:
     calibration: np.ndarray  # float64, sorted: calibration scores of the SDNS score
     lowlevel: np.ndarray | None = None  # float32 M x D_low, with the combined score
     calibration_combined: np.ndarray | None = None  # float64, sorted
+    signed_by: str | None = None  # key id of a verified signature (sdns_monitor.signing)
 
     @property
     def name(self) -> str:
@@ -215,8 +217,8 @@ def write_bundle(
     return path
 
 
-def read_manifest(path: Path) -> tuple[Manifest, str]:
-    """Parse and validate `path/manifest.json`; returns it and the bundle hash."""
+def read_manifest_bytes(path: Path) -> bytes:
+    """The raw bytes of `path/manifest.json` (what the bundle hash and signatures cover)."""
     path = Path(path)
     mpath = path / MANIFEST
     if not path.is_dir():
@@ -225,7 +227,16 @@ def read_manifest(path: Path) -> tuple[Manifest, str]:
         )
     if not mpath.is_file():
         raise BundleError(f"{path} is not a model bundle: {MANIFEST} is missing")
-    raw = mpath.read_bytes()
+    return mpath.read_bytes()
+
+
+def read_manifest(path: Path, raw: bytes | None = None) -> tuple[Manifest, str]:
+    """Parse and validate `path/manifest.json` (or `raw`, its bytes already read); returns it
+    and the bundle hash."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if raw is None:
+        raw = read_manifest_bytes(path)
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -273,10 +284,20 @@ def verify_files(path: Path, manifest: Manifest) -> dict[str, bytes]:
     return verified
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Read and verify a bundle. Raises BundleError on any problem, before weights are used."""
+def load_bundle(
+    path: str | Path, *, public_key: Path | None = None, require_signed: bool = False
+) -> Bundle:
+    """Read and verify a bundle. Raises BundleError on any problem, before weights are used.
+
+    With `public_key`, a signed bundle's signature must verify (sdns_monitor.signing) before
+    its manifest is even parsed; `require_signed` also refuses unsigned bundles.
+    """
+    from sdns_monitor.signing import check_signature
+
     path = Path(path)
-    manifest, digest = read_manifest(path)
+    raw = read_manifest_bytes(path)
+    signed_by = check_signature(path, raw, public_key, require_signed)
+    manifest, digest = read_manifest(path, raw)
     files = verify_files(path, manifest)
     try:
         state = load_safetensors(files[ENCODER])
@@ -320,4 +341,4 @@ def load_bundle(path: str | Path) -> Bundle:
         calibration_combined = np.sort(calibration_combined.astype(np.float64))
     return Bundle(path, manifest, digest, state, features,
                   np.sort(calibration.astype(np.float64)), lowlevel,
-                  calibration_combined)  # fmt: skip
+                  calibration_combined, signed_by)  # fmt: skip

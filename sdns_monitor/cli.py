@@ -59,6 +59,14 @@ class BackendOpt(StrEnum):
 
 BACKEND_HELP = "Encoder backend: auto (the fastest available), eager, compile or tensorrt"
 
+PublicKeyOpt = Annotated[
+    Path | None,
+    typer.Option(help="Ed25519 public key: a signed bundle must verify with it (see `sign`)"),
+]
+RequireSignedOpt = Annotated[
+    bool, typer.Option("--require-signed", help="Refuse unsigned bundles (needs --public-key)")
+]
+
 
 def _err(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
@@ -205,12 +213,15 @@ def evaluate(
     device: Annotated[str, typer.Option()] = "auto",
     score: Annotated[ScoreOpt, typer.Option(help=SCORE_HELP)] = ScoreOpt.auto,
     backend: Annotated[BackendOpt, typer.Option(help=BACKEND_HELP)] = BackendOpt.eager,
+    public_key: PublicKeyOpt = None,
+    require_signed: RequireSignedOpt = False,
 ) -> None:
     """AUROC, FPR at 95% TPR and AUPR of the anomaly score, in-distribution vs each OOD set."""
     from sdns_monitor.detector import Detector
     from sdns_monitor.eval_bundle import evaluate_bundle
 
-    det = Detector.load(model, device=device, score=score.value, backend=backend.value)
+    det = Detector.load(model, device=device, score=score.value, backend=backend.value,
+                        public_key=public_key, require_signed=require_signed)  # fmt: skip
     result = evaluate_bundle(model, id, ood, report_dir=report, limit=limit, detector=det)
     if json_out:
         typer.echo(json.dumps(result))
@@ -236,13 +247,16 @@ def score(
     device: Annotated[str, typer.Option()] = "auto",
     score: Annotated[ScoreOpt, typer.Option(help=SCORE_HELP)] = ScoreOpt.auto,
     backend: Annotated[BackendOpt, typer.Option(help=BACKEND_HELP)] = BackendOpt.eager,
+    public_key: PublicKeyOpt = None,
+    require_signed: RequireSignedOpt = False,
 ) -> None:
     """Score images; print one JSON line per image."""
     from sdns_monitor.data import load_dataset
     from sdns_monitor.detector import Detector, check_rule
 
     check_rule(alarm_rate, threshold)
-    det = Detector.load(model, device=device, score=score.value, backend=backend.value)
+    det = Detector.load(model, device=device, score=score.value, backend=backend.value,
+                        public_key=public_key, require_signed=require_signed)  # fmt: skip
     # Loading at the model's input size resizes image folders of mixed sizes, and keeps
     # memory to what scoring needs; Detector.prepare then leaves the images as they are.
     data = load_dataset(spec, size=det.manifest.input.size)
@@ -331,6 +345,11 @@ def run(
     ] = None,
     reload_check_s: Annotated[
         float | None, typer.Option(help="How often to look for a changed bundle (0: never)")
+    ] = None,
+    public_key: PublicKeyOpt = None,
+    require_signed: Annotated[
+        bool | None,
+        typer.Option("--require-signed", help="Refuse unsigned bundles (needs --public-key)"),
     ] = None,
     session_timeout_ms: Annotated[int | None, typer.Option()] = None,
     heartbeat_interval_ms: Annotated[int | None, typer.Option()] = None,
@@ -509,15 +528,55 @@ def export(
 
 
 @app.command()
-def info(model: Annotated[Path, typer.Option(help="Model bundle")]) -> None:
-    """Verify a bundle and print its manifest summary as JSON."""
+def keygen(
+    out: Annotated[Path, typer.Option(help="Directory for sdns-signing.key and .pub")],
+) -> None:
+    """Make an Ed25519 key pair for signing bundles (the private key is readable by you only)."""
+    from sdns_monitor.signing import generate_keypair, key_id, load_public_key
+
+    private, public = generate_keypair(out)
+    typer.echo(f"wrote {private} (keep it secret) and {public} (give it to `run --public-key`); "
+               f"key id {key_id(load_public_key(public))}")  # fmt: skip
+
+
+@app.command()
+def sign(
+    model: Annotated[Path, typer.Option(help="Model bundle to sign")],
+    key: Annotated[Path, typer.Option(help="Private key from `sdns-monitor keygen`")],
+) -> None:
+    """Sign a bundle's manifest (writes manifest.sig; the bundle's hash does not change)."""
+    from sdns_monitor.bundle import load_bundle
+    from sdns_monitor.signing import sign_bundle
+
+    load_bundle(model)  # sign only what verifies
+    typer.echo(f"signed {model} with key {sign_bundle(model, key)}")
+
+
+def _signature_status(b: Any) -> str:
+    from sdns_monitor.signing import SIGNATURE
+
+    if b.signed_by:
+        return f"verified: key {b.signed_by}"
+    if (b.path / SIGNATURE).is_file():
+        return "present, not checked (give --public-key)"
+    return "unsigned"
+
+
+@app.command()
+def info(
+    model: Annotated[Path, typer.Option(help="Model bundle")],
+    public_key: PublicKeyOpt = None,
+    require_signed: RequireSignedOpt = False,
+) -> None:
+    """Verify a bundle (and its signature, given --public-key); print its summary as JSON."""
     from sdns_monitor.bundle import load_bundle
 
-    b = load_bundle(model)
+    b = load_bundle(model, public_key=public_key, require_signed=require_signed)
     m = b.manifest
     summary = {
         "name": m.name,
         "hash": b.hash,
+        "signature": _signature_status(b),
         "backbone": m.backbone.model_dump(),
         "input": m.input.model_dump(),
         "score": m.score.model_dump(exclude={"k_selection"}),

@@ -97,9 +97,18 @@ class Detector:
         self.score_mode: Literal["sdns", "combined"] = mode
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", **kwargs: Any) -> Detector:
-        """Load and verify the bundle at `path`."""
-        return cls(load_bundle(path), device=device, **kwargs)
+    def load(
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        *,
+        public_key: Path | None = None,
+        require_signed: bool = False,
+        **kwargs: Any,
+    ) -> Detector:
+        """Load and verify the bundle at `path` (and its signature, given `public_key`)."""
+        bundle = load_bundle(path, public_key=public_key, require_signed=require_signed)
+        return cls(bundle, device=device, **kwargs)
 
     @property
     def name(self) -> str:

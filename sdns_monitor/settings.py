@@ -110,6 +110,8 @@ class RunSettings(BaseModel):
     score: Literal["auto", "sdns", "combined"] = "auto"  # see Detector
     backend: Literal["auto", "eager", "compile", "tensorrt"] = "auto"  # sdns_monitor.backends
     reload_check_s: float = Field(10.0, ge=0)  # how often to look for a changed bundle; 0: never
+    public_key: Path | None = None  # Ed25519 key that signed bundles must verify with
+    require_signed: bool = False  # refuse unsigned bundles (needs public_key)
     security: KafkaSecurity = Field(default_factory=KafkaSecurity)
 
     @field_validator("metrics_port", mode="before")
@@ -125,6 +127,10 @@ class RunSettings(BaseModel):
             raise ValueError("--topic and --topic-pattern are mutually exclusive")
         if self.alarm_rate is not None and self.threshold is not None:
             raise ValueError("--alarm-rate and --threshold are mutually exclusive; give one")
+        if self.require_signed and self.public_key is None:
+            raise ValueError("--require-signed needs --public-key: the key to check against")
+        if self.public_key is not None and not self.public_key.is_file():
+            raise ValueError(f"--public-key {self.public_key} is not a readable file")
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be below session_timeout_ms")
         outputs = {self.alert_topic, self.dlq_topic} | ({self.scores_topic} - {None})
@@ -147,7 +153,7 @@ class RunSettings(BaseModel):
 
 
 _LISTS = {"topic"}
-_BOOLS = {"from_beginning"}
+_BOOLS = {"from_beginning", "require_signed"}
 _SECURITY = set(KafkaSecurity.model_fields)
 
 

@@ -201,9 +201,11 @@ class StreamMonitor:
     def _load(self, path: Path) -> Detector:
         s = self.settings
         det = Detector.load(path, device=s.device, score=s.score, backend=s.backend,
-                            cache_dir=s.cache_dir, batch_size=max(s.batch_size, 64))  # fmt: skip
-        log.info("model %s (%s): score %s, backend %s on %s", det.name, det.hash[:12],
-                 det.score_mode, det.backend, det.device)  # fmt: skip
+                            cache_dir=s.cache_dir, batch_size=max(s.batch_size, 64),
+                            public_key=s.public_key, require_signed=s.require_signed)  # fmt: skip
+        signed = f"signed by {det.bundle.signed_by}" if det.bundle.signed_by else "unsigned"
+        log.info("model %s (%s, %s): score %s, backend %s on %s", det.name, det.hash[:12],
+                 signed, det.score_mode, det.backend, det.device)  # fmt: skip
         return det
 
     # ------------------------------------------------------------------ embedding API
