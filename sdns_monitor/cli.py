@@ -594,7 +594,16 @@ def info(
 def main() -> None:
     """Console entry point: run the app, turning project errors into one-line messages."""
     try:
-        app()
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # a bad option value, a missing option, a bad command
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "sdns-monitor"
+        message = str(exc.format_message()).replace("Value error, ", "").rstrip(".")  # type: ignore[attr-defined]
+        if message:  # empty after no_args_is_help printed the help
+            _err(f"{message}; see `{where} --help`")
+        sys.exit(getattr(exc, "exit_code", 2))
+    except typer.Abort:  # Ctrl-C at a prompt
+        sys.exit(130)
     except ConfigError as exc:
         _err(str(exc))
         sys.exit(2)
@@ -605,6 +614,8 @@ def main() -> None:
         where = f": {exc.filename}" if exc.filename else ""
         _err(f"{exc.strerror or exc}{where}; check the path and its permissions")
         sys.exit(1)
+    if isinstance(code, int) and code:  # typer.Exit(n) and --help come back as a number
+        sys.exit(code)
 
 
 if __name__ == "__main__":
