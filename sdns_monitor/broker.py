@@ -12,9 +12,11 @@ Apache Kafka cluster instead.
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -119,11 +121,14 @@ def start_broker(
     timeout: float = 30.0,
     log: Path | None = None,
     schema_registry: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Broker:
     """Start Tansu on `host:port` (a free port when None) and wait until it answers.
 
     `schema_registry`: a folder of JSON schemas named `<topic>.json`; the broker rejects records
-    of those topics that do not conform (INVALID_RECORD)."""
+    of those topics that do not conform (INVALID_RECORD). `env`: added to the environment, e.g.
+    the AWS_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_ALLOW_HTTP of an
+    `s3://bucket/` storage, whose data survives a restart."""
     binary = tansu_binary()
     if port is None:
         port = free_port(host)
@@ -148,7 +153,8 @@ def start_broker(
         cmd += ["--schema-registry", f"file://{Path(schema_registry).resolve()}"]
     out = log.open("ab") if log else subprocess.DEVNULL
     try:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd="/")
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd="/",
+                                   env={**os.environ, **(env or {})})  # fmt: skip
     finally:
         if log:
             out.close()  # type: ignore[union-attr]

@@ -67,6 +67,8 @@ log = logging.getLogger("sdns_monitor.stream")
 IDLE_POLL_MS = 500  # how long an empty poll waits before the loop looks around again
 BACKOFF_S = (0.5, 30.0)  # first and longest wait between delivery retries
 STALL_S = 300.0  # /healthz fails when the loop has not come round for this long
+GAUGES_EVERY_S = 0.5  # how often readiness, lag and incident gauges are refreshed
+COMMIT_TIMEOUT_MS = 5_000  # longest a commit (or the leave on close) may hold up the loop
 
 
 class OutputError(SdnsError):
@@ -182,6 +184,8 @@ class StreamMonitor:
         self._joined = threading.Event()
         self._output_problem: str | None = None
         self._broker_problem: str | None = None
+        self._renewing = False  # a new producer is being built (_renew_producer)
+        self._disconnected_since: float | None = None  # see _cut_off
         self._last_loop = time.monotonic()
         self._uncommitted: dict[Any, int] = {}  # partition -> next offset, delivered not committed
         self._inflight: collections.deque[_Batch] = collections.deque()  # consumed, not committed
@@ -306,7 +310,13 @@ class StreamMonitor:
             client_id=f"sdns-monitor-{os.getpid()}",
             acks="all",
             retries=5,
+            # At-least-once needs no idempotence (duplicates are allowed, losses are not), and
+            # a broker that restarts with durable storage but forgets producer ids (Tansu on
+            # S3 does) can answer a fresh producer's first records as duplicates: acknowledged,
+            # never stored. Measured: tests/integration/test_stream_ops.py, durable outage.
+            enable_idempotence=False,
             max_block_ms=10_000,  # a missing topic fails the batch (and is retried) in 10 s
+            bootstrap_timeout_ms=10_000,
             request_timeout_ms=10_000,
             delivery_timeout_ms=30_000,
             max_request_size=max(self.settings.max_frame_bytes + 64 * 1024, 1 << 20),
@@ -345,7 +355,8 @@ class StreamMonitor:
             if self._out is not None:
                 self._out.close(timeout=10)
             if consumer is not None:
-                consumer.close()  # leaves the group, so partitions move on at once
+                # Leaves the group, so partitions move on at once (bounded: the broker may be down).
+                consumer.close(timeout_ms=COMMIT_TIMEOUT_MS)
             if self.health is not None:
                 self.health.stop()
             self._loader.shutdown(wait=False, cancel_futures=True)
@@ -365,8 +376,12 @@ class StreamMonitor:
         last_data = time.monotonic()
         backoff = BACKOFF_S[0]
         paused = False
+        next_gauges = 0.0
         while not stop.is_set():
-            self._last_loop = time.monotonic()
+            self._last_loop = now = time.monotonic()
+            if now >= next_gauges:  # every path of the loop, backpressure and retries included
+                self._update_gauges(consumer)
+                next_gauges = now + GAUGES_EVERY_S
             self._maybe_reload()
             if self._settle(consumer) is False:
                 self._retry_later(consumer, backoff, stop)
@@ -385,7 +400,6 @@ class StreamMonitor:
                 consumer.resume(*consumer.paused())
                 paused = False
             messages = self._collect(consumer, stop)
-            self._update_gauges(consumer)
             if not messages:
                 if not self._joined.is_set() or self._inflight:
                     last_data = time.monotonic()  # idle time counts once in the group, empty
@@ -486,7 +500,9 @@ class StreamMonitor:
         }
         try:
             if offsets:
-                consumer.commit(offsets)
+                # Bounded: with the coordinator gone the client would retry for its request
+                # timeout (5 minutes), and the loop, readiness and stop would all wait on it.
+                consumer.commit(offsets, timeout_ms=COMMIT_TIMEOUT_MS)
         except KafkaError as exc:
             # Delivered but not committed: after a rebalance or restart the batch is scored
             # again (duplicates, never a loss). The next commit carries these offsets along.
@@ -507,7 +523,7 @@ class StreamMonitor:
             self._generation += 1  # the scorer skips what is still queued
             if head.snapshot is not None:
                 self.incidents.restore(head.snapshot)
-            self._renew_producer()
+        self._renew_producer()
         first: dict[Any, int] = {}
         for batch in self._inflight:
             for m in batch.messages:
@@ -526,18 +542,56 @@ class StreamMonitor:
         stop.wait(backoff)
 
     def _renew_producer(self) -> None:
-        """A fresh producer for the retry: a client whose broker went away can keep a stale
-        state (a producer id the restarted broker does not know) and fail forever."""
-        try:
-            fresh = self._producer()
-        except Exception as exc:  # the broker is still away: keep the old one, try next time
-            log.warning("could not create a new producer (%s)", exc)
-            return
-        old, self._out = self._out, fresh
-        threading.Thread(target=old.close, kwargs={"timeout": 5}, daemon=True).start()
+        """Build a fresh producer for the retries, on a thread of its own: a client whose
+        broker went away can keep a stale state and fail forever, and building one waits for a
+        broker (up to its bootstrap timeout), which must hold up neither the loop (readiness,
+        stop) nor the scorer. The scorer's next batch uses it once it exists."""
+        with self._score_lock:
+            if self._renewing:
+                return
+            self._renewing = True
+
+        def build() -> None:
+            try:
+                fresh = self._producer()
+            except Exception as exc:  # the broker is still away: keep the old one
+                log.warning("could not create a new producer (%s); retrying later", exc)
+                with self._score_lock:
+                    self._renewing = False
+                return
+            with self._score_lock:
+                self._renewing = False
+                if self._stop.is_set() or self._out is None:  # stopping: run() closes _out
+                    old = fresh
+                else:
+                    old, self._out = self._out, fresh
+            old.close(timeout=5)
+
+        threading.Thread(target=build, name="sdns-producer", daemon=True).start()
+
+    def _cut_off(self, consumer: Any) -> str | None:
+        """Why the consumer is cut off from the brokers, if it is: no open connection to any
+        broker, or no heartbeat sent to the group coordinator, for a whole session timeout.
+        (kafka-python keeps trying to send heartbeats to a coordinator it cannot reach, so
+        heartbeats alone miss a broker that died; connections alone miss a lost coordinator.)"""
+        metrics = _client_metrics(consumer)
+        limit_s = self.settings.session_timeout_ms / 1000
+        now = time.monotonic()
+        connections = metrics.get("consumer-metrics", {}).get("connection-count")
+        if connections is None or connections > 0:
+            self._disconnected_since = None
+        elif self._disconnected_since is None:
+            self._disconnected_since = now
+        elif now - self._disconnected_since > limit_s:
+            away = now - self._disconnected_since
+            return f"no connection to any broker for {away:.0f} s (broker down?)"
+        ago = metrics.get("consumer-coordinator-metrics", {}).get("last-heartbeat-seconds-ago")
+        if ago is None or not math.isfinite(ago) or ago <= limit_s:
+            return None  # unknown (no heartbeat yet: inf) or recent
+        return f"no heartbeat to the group coordinator for {ago:.0f} s (broker down?)"
 
     def _update_gauges(self, consumer: Any) -> None:
-        self._broker_problem = _heartbeat_problem(consumer, self.settings.session_timeout_ms)
+        self._broker_problem = self._cut_off(consumer)
         lag: Tally[str] = Tally()
         for tp in consumer.assignment():
             high = consumer.highwater(tp)
@@ -841,17 +895,11 @@ def _rebalance_listener(monitor: StreamMonitor, consumer: Any) -> Any:
     return Listener()
 
 
-def _heartbeat_problem(consumer: Any, session_timeout_ms: int) -> str | None:
-    """Why the consumer is cut off from its group coordinator, if it is: no heartbeat answer
-    for a whole session timeout (the broker is down or unreachable)."""
+def _client_metrics(consumer: Any) -> dict[str, Any]:
     try:
-        metrics = consumer.metrics().get("consumer-coordinator-metrics", {})
+        return consumer.metrics()  # type: ignore[no-any-return]
     except Exception:  # metrics are best effort; never fail the loop over them
-        return None
-    ago = metrics.get("last-heartbeat-seconds-ago")
-    if ago is None or not math.isfinite(ago) or ago * 1000 <= session_timeout_ms:
-        return None  # unknown (no heartbeat yet: inf) or recent
-    return f"no heartbeat answer from the group coordinator for {ago:.0f} s (broker down?)"
+        return {}
 
 
 def _log_commit_failure(offsets: Any, error: Any) -> None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from PIL import Image
 
-from sdns_monitor.broker import Broker
+from sdns_monitor.broker import Broker, free_port
 from sdns_monitor.settings import RunSettings, load_settings
 
 # Tansu needs short group timeouts; metrics on a free port so tests never collide.
@@ -142,3 +145,33 @@ class LineReader:
 
     def text(self) -> str:
         return "\n".join(self.lines)
+
+
+@contextlib.contextmanager
+def local_s3(log: Path, bucket: str = "tansu") -> Iterator[dict[str, str]]:
+    """A local S3 server (moto's server mode) with one bucket; yields the environment that
+    points Tansu's `s3://BUCKET/` storage at it. Its data lives as long as the server."""
+    port = free_port()
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:  # moto accepts unsigned requests: no S3 client library needed
+                urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{bucket}", method="PUT"))
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise AssertionError(f"the S3 server did not start; see {log}") from None
+                time.sleep(0.2)
+        yield {
+            "AWS_ENDPOINT": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+        }  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(10)
