@@ -10,6 +10,7 @@ from sdns_monitor.data.cifar import load_cifar
 from sdns_monitor.data.fashion import load_fashion
 from sdns_monitor.data.folder import load_folder
 from sdns_monitor.data.imageset import ImageSet
+from sdns_monitor.data.kafka_topic import load_topic
 from sdns_monitor.data.mnist import load_mnist
 from sdns_monitor.data.npz import load_npz
 from sdns_monitor.data.spec import DatasetSpec, parse_spec
@@ -87,4 +88,10 @@ def _read(
         return (*load_cifar(name, args[0], args[1], spec=spec), None)
     if name == "svhn":
         return (*load_svhn(args[0], args[1], spec=spec), None)
+    if name == "kafka":
+        servers, topic, limit, timeout = args
+        max_frames = None if limit == "all" else int(limit)
+        read = load_topic(servers, topic, max_frames=max_frames, timeout_s=float(timeout),
+                          spec=spec, size=size)  # fmt: skip
+        return read.images, None, read.sources
     raise AssertionError(f"parse_spec accepted {name!r} but no reader handles it")

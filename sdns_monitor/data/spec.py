@@ -1,9 +1,20 @@
-"""Dataset spec strings: ``NAME[:ARG[:ARG]][@CLASSES]``.
+"""Dataset spec strings: ``NAME[:ARG[:ARG]][@CLASSES]``, or a ``kafka://`` URL.
 
 Examples: ``mnist:test``, ``fashion-mnist:train@0-4``, ``animals@3``, ``textures:1000``,
 ``folder:/data/reference``, ``npz:/data/frames.npz``, ``cifar10:/data/cifar:test@0,2,5``,
 ``svhn:/data/svhn:extra``. Parsing validates names, splits and counts once, at the edge, and
 fills in defaults, so the readers get complete arguments.
+
+Frames already on a Kafka topic (`sdns_monitor.data.kafka_topic`):
+
+    kafka://HOST[:PORT][,HOST[:PORT]...]/TOPIC[?max=N][&timeout_s=S]
+
+e.g. ``kafka://127.0.0.1:9092/camera-frames?max=5000&timeout_s=60``. The topic is read from
+its earliest offsets up to the end offsets it has when reading starts, with no consumer group
+(nothing is committed): at most ``max`` decodable frames (default: every frame on the topic),
+taken round-robin over the partitions so that every camera is represented. ``timeout_s``
+(default 60) bounds the whole read, connecting included. PORT defaults to 9092. Frames carry
+no labels, so a ``@CLASSES`` filter is refused. Plaintext connections only.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ USAGE: dict[str, str] = {
     "cifar10": "cifar10:/root[:train|test]",
     "cifar100": "cifar100:/root[:train|test]",
     "svhn": "svhn:/root[:train|test|extra]",
+    "kafka": "kafka://HOST:PORT/TOPIC[?max=N&timeout_s=S]",
 }
 KNOWN: tuple[str, ...] = tuple(USAGE)
 
@@ -41,6 +53,11 @@ DEFAULT_CROPS = 5000
 _ROOTED = frozenset({"cifar10", "cifar100", "svhn"})  # a root directory, then a split
 _PATHED = frozenset({"folder", "npz"})  # one path, which may itself contain ':' or '@'
 _COUNTED = frozenset({"textures", "photos"})  # an optional number of crops
+_TOPIC_RE = re.compile(r"[a-zA-Z0-9._-]{1,249}")  # Kafka's legal topic names
+_HOST_RE = re.compile(r"[a-zA-Z0-9._-]+|\[[0-9a-fA-F:.]+\]")  # a name, IPv4, or [IPv6]
+KAFKA_DEFAULT_PORT = 9092
+KAFKA_DEFAULT_TIMEOUT_S = 60.0
+_KAFKA_PARAMS = ("max", "timeout_s")
 _CLASSES_RE = re.compile(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*")
 
 
@@ -49,7 +66,8 @@ class DatasetSpec:
     """A parsed spec. `args` are complete: defaults filled in, splits validated.
 
     mnist, fashion-mnist: (split,); animals: (); textures, photos: (count,);
-    folder, npz: (path,); cifar10, cifar100, svhn: (root, split).
+    folder, npz: (path,); cifar10, cifar100, svhn: (root, split);
+    kafka: (bootstrap servers "host:port[,host:port]", topic, max frames or "all", timeout_s).
     `classes` is the sorted class filter, or None for all classes.
     """
 
@@ -73,6 +91,8 @@ def parse_spec(spec: str) -> DatasetSpec:
     head = re.split(r"[:@]", text, maxsplit=1)[0].strip().lower()
     if head not in USAGE:
         raise DataError(f"unknown dataset {head!r} in spec {spec!r}; use one of: {usage()}")
+    if head == "kafka":
+        return DatasetSpec(head, _parse_kafka(text, spec))
 
     body, classes = text, None
     before, at, tail = text.rpartition("@")
@@ -110,6 +130,57 @@ def _parse_args(name: str, arg: str | None, spec: str) -> tuple[str, ...]:
     if arg is not None:
         raise DataError(f"spec {spec!r}: {name} takes no argument; write {USAGE[name]}")
     return ()
+
+
+def _parse_kafka(text: str, spec: str) -> tuple[str, ...]:
+    """kafka://HOST[:PORT][,HOST[:PORT]...]/TOPIC[?max=N][&timeout_s=S] -> (servers, topic,
+    max or "all", timeout_s)."""
+    form = USAGE["kafka"]
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme.lower() != "kafka":
+        raise DataError(f"spec {spec!r}: write {form}")
+    if "@" in rest:
+        raise DataError(
+            f"spec {spec!r}: frames on a topic carry no labels, so they take no @class filter "
+            "(nor user@host: credentials do not go in the spec)"
+        )
+    rest, _, query = rest.partition("?")
+    netloc, slash, topic = rest.partition("/")
+    if not slash or not _TOPIC_RE.fullmatch(topic):
+        raise DataError(
+            f"spec {spec!r}: {topic!r} is not a topic name (letters, digits, '.', '_', '-'); "
+            f"write {form}"
+        )
+    servers = [_parse_server(s.strip(), spec, form) for s in netloc.split(",")]
+    params: dict[str, str] = {}
+    for item in query.split("&") if query else []:
+        key, eq, value = item.partition("=")
+        if key not in _KAFKA_PARAMS or not eq:
+            raise DataError(
+                f"spec {spec!r}: unknown option {item!r}; the options are max=N and timeout_s=S"
+            )
+        params[key] = value
+    limit = params.get("max", "all")
+    if limit != "all" and (not limit.isdigit() or int(limit) <= 0):
+        raise DataError(f"spec {spec!r}: max must be a positive number of frames, got {limit!r}")
+    timeout = params.get("timeout_s", str(KAFKA_DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(timeout)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise DataError(f"spec {spec!r}: timeout_s must be a positive number, got {timeout!r}")
+    limit = limit if limit == "all" else str(int(limit))
+    return (",".join(servers), topic, limit, str(seconds))
+
+
+def _parse_server(server: str, spec: str, form: str) -> str:
+    host, colon, port = server.rpartition(":") if not server.endswith("]") else (server, "", "")
+    if not colon:
+        host, port = server, str(KAFKA_DEFAULT_PORT)
+    if not _HOST_RE.fullmatch(host) or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DataError(f"spec {spec!r}: bad broker address {server!r}; write {form}")
+    return f"{host}:{int(port)}"
 
 
 def _check_split(name: str, split: str, spec: str) -> str:

@@ -65,7 +65,7 @@ def test_bad_specs_say_what_is_wrong(text: str, match: str) -> None:
 def test_known_names_and_usage_cover_every_dataset() -> None:
     assert set(KNOWN) == {
         "mnist", "fashion-mnist", "animals", "textures", "photos",
-        "folder", "npz", "cifar10", "cifar100", "svhn",
+        "folder", "npz", "cifar10", "cifar100", "svhn", "kafka",
     }  # fmt: skip
     line = usage()
     assert all(name in line for name in KNOWN)
