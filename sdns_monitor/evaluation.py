@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-__all__ = ["OodMetrics", "ood_metrics", "plot_histogram", "plot_roc"]
+__all__ = ["OodMetrics", "ood_metrics", "plot_histogram", "plot_roc", "roc_points"]
 
 _TARGET_TPR = 0.95
 
@@ -67,11 +67,23 @@ def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> OodMetrics:
     )
 
 
-def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> None:
+def roc_points(id_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ROC curve as plotted: (false positive rates, true positive rates), OOD positive."""
+    labels, scores = _labelled(_scores(id_scores, "id_scores"), _scores(ood_scores, "ood_scores"))
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return fpr, tpr
+
+
+def plot_roc(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    path: Path,
+    title: str,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Draw one ROC curve per entry of `curves` (name -> (id_scores, ood_scores)) to a PNG.
 
     The legend gives each curve's AUROC and FPR95, so the plot can be read without the table.
-    Parent directories of `path` are created.
+    `metadata` goes into the PNG's text chunks. Parent directories of `path` are created.
     """
     if not curves:
         raise ValueError("plot_roc needs at least one curve: pass {name: (id_scores, ood_scores)}")
@@ -80,8 +92,7 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title
     for name, (id_scores, ood_scores) in curves.items():
         ids = _scores(id_scores, f"{name}: id_scores")
         oods = _scores(ood_scores, f"{name}: ood_scores")
-        labels, scores = _labelled(ids, oods)
-        fpr, tpr, _ = roc_curve(labels, scores)
+        fpr, tpr = roc_points(ids, oods)
         m = ood_metrics(ids, oods)
         ax.plot(fpr, tpr, label=f"{name} (AUROC {m.auroc:.3f}, FPR95 {m.fpr95:.3f})")
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8, label="chance")
@@ -90,7 +101,7 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title
     ax.set_xlabel("false positive rate (ID flagged)")
     ax.set_ylabel("true positive rate (OOD flagged)")
     ax.legend(loc="lower right", fontsize="small")
-    _save(fig, path)
+    _save(fig, path, metadata)
 
 
 def plot_histogram(
@@ -141,8 +152,8 @@ def _labelled(ids: np.ndarray, oods: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return labels, np.concatenate([ids, oods])
 
 
-def _save(fig: Figure, path: Path) -> None:
+def _save(fig: Figure, path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write a figure as PNG. A bare Figure renders with Agg, never touching pyplot's state."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=120)
+    fig.savefig(path, format="png", dpi=120, metadata=metadata)
