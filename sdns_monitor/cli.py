@@ -300,7 +300,9 @@ def run(
         str | None, typer.Option(help="Regex of topics to watch instead")
     ] = None,
     model: Annotated[Path | None, typer.Option(help="Model bundle")] = None,
-    config: Annotated[Path | None, typer.Option(help="TOML or JSON file of settings")] = None,
+    config: Annotated[
+        Path | None, typer.Option(envvar="SDNS_CONFIG", help="TOML or JSON file of settings")
+    ] = None,
     bootstrap_servers: Annotated[str | None, typer.Option()] = None,
     group_id: Annotated[str | None, typer.Option()] = None,
     alert_topic: Annotated[str | None, typer.Option()] = None,

@@ -603,6 +603,9 @@ class StreamMonitor:
                 continue
             if position is not None:
                 lag[tp.topic] += max(high - position, 0)
+        # Only the topics this member owns now: a stale figure for a topic whose partitions
+        # moved to another member would be summed twice by an autoscaler.
+        self.metrics.consumer_lag.clear()
         for topic, value in lag.items():
             self.metrics.consumer_lag.labels(topic=topic).set(value)
         self.metrics.incidents_open.set(self.incidents.open_count)

@@ -110,3 +110,17 @@ def test_help_still_exits_0(
     monkeypatch.setattr(sys, "argv", ["sdns-monitor", "run", "--help"])
     main()  # no SystemExit: success
     assert "--topic" in capsys.readouterr().out
+
+
+def test_config_file_can_come_from_sdns_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Containers set the config file by environment, like every other setting."""
+    config = tmp_path / "c.toml"
+    config.write_text("topic = ['a']\nbatchsize = 3\n")
+    monkeypatch.setenv("SDNS_CONFIG", str(config))
+    monkeypatch.setattr(sys, "argv", ["sdns-monitor", "run", "--model", str(tmp_path / "m")])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    assert "batchsize" in capsys.readouterr().err
