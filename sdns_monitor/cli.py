@@ -387,7 +387,9 @@ def run(
     watched = settings.topic_pattern or ", ".join(settings.topic)
     typer.echo(
         f"watching {watched} on {settings.bootstrap_servers} with model {monitor.detector.name} "
-        f"({monitor.detector.hash[:12]}); SIGHUP reloads the model, SIGTERM stops",
+        f"({monitor.detector.hash[:12]})"
+        + (f" and {len(settings.routes)} routes" if settings.routes else "")
+        + "; SIGHUP reloads the models, SIGTERM stops",
         err=True,
     )
     stats = monitor.run()

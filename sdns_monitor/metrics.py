@@ -71,8 +71,13 @@ class Metrics:
         self._rate_window: collections.deque[tuple[float, int]] = collections.deque()
 
     def set_model(self, name: str, bundle_hash: str) -> None:
+        self.set_models([(name, bundle_hash)])
+
+    def set_models(self, models: list[tuple[str, str]]) -> None:
+        """The models in use (name, bundle hash): one info sample each."""
         self.model_info.clear()
-        self.model_info.labels(name=name, hash=bundle_hash).set(1)
+        for name, bundle_hash in models:
+            self.model_info.labels(name=name, hash=bundle_hash).set(1)
 
     def scored(self, n_frames: int, now: float | None = None, window_s: float = 10.0) -> None:
         """Record `n_frames` scored now and refresh the images/s gauge."""

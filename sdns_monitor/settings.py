@@ -76,6 +76,35 @@ class KafkaSecurity(BaseModel):
         return out
 
 
+class Route(BaseModel):
+    """Keys (exact, or a regex over the whole key) scored by the bundle at `model`
+    (sdns_monitor.routing)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Path
+    keys: list[str] = []
+    key_pattern: str | None = None
+
+    @model_validator(mode="after")
+    def _something_to_match(self) -> Route:
+        if not self.keys and self.key_pattern is None:
+            raise ValueError(f"the route to {self.model} needs keys or a key_pattern")
+        if self.key_pattern is not None:
+            try:
+                re.compile(self.key_pattern)
+            except re.error as exc:
+                raise ValueError(
+                    f"key_pattern {self.key_pattern!r} is not a regex: {exc}"
+                ) from None
+        return self
+
+    def matches(self, key: str) -> bool:
+        if key in self.keys:
+            return True
+        return self.key_pattern is not None and re.fullmatch(self.key_pattern, key) is not None
+
+
 class RunSettings(BaseModel):
     """Everything `run` needs; field names are the option names with '-' as '_'."""
 
@@ -113,6 +142,8 @@ class RunSettings(BaseModel):
     public_key: Path | None = None  # Ed25519 key that signed bundles must verify with
     require_signed: bool = False  # refuse unsigned bundles (needs public_key)
     security: KafkaSecurity = Field(default_factory=KafkaSecurity)
+    # Keys (cameras) scored by other bundles than `model` (config file only; see routing.py).
+    routes: list[Route] = Field(default_factory=list)
 
     @field_validator("metrics_port", mode="before")
     @classmethod

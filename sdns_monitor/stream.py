@@ -60,6 +60,7 @@ from sdns_monitor.records import (
     dead_letter_headers,
     encode_key,
 )
+from sdns_monitor.routing import Models
 from sdns_monitor.settings import RunSettings
 
 log = logging.getLogger("sdns_monitor.stream")
@@ -105,6 +106,7 @@ class _Frame:
     source: Source
     key: bytes | None  # the message key as it came: outputs are keyed by it
     image: np.ndarray  # uint8 1 x S x S x C, prepared for the encoder
+    detector: Detector  # the model of its key (routing)
 
 
 @dataclass
@@ -113,7 +115,7 @@ class _Batch:
     callbacks see it only once every record it caused was acknowledged."""
 
     messages: list[Any]
-    detector: Detector  # the model that prepares and scores it, fixed when it was consumed
+    models: Models  # the models that prepare and score it, fixed when it was consumed
     generation: int  # batches of an older generation were abandoned after a failure
     started: float = field(default_factory=time.monotonic)
     decoded: (
@@ -170,12 +172,13 @@ class StreamMonitor:
         on_alert: Callable[[Alert], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.detector = detector or self._load(settings.model)
+        reuse = None if detector is None else Models(detector)
+        self.models = Models.load(settings.model, settings.routes, self._load, reuse,
+                                  changed=None if detector is None else set())  # fmt: skip
         self.on_alert = on_alert
         self.stats = StreamStats()
         self.metrics = Metrics()
-        self.model_ref = ModelRef(hash=self.detector.hash, name=self.detector.name)
-        self.metrics.set_model(self.detector.name, self.detector.hash)
+        self.metrics.set_models([(d.name, d.hash) for d in self.models.unique()])
         self.incidents = IncidentTracker(settings.incident_window_s, settings.incident_cooldown_s)
         self.health: HealthServer | None = None
         self._stop = threading.Event()
@@ -195,10 +198,11 @@ class StreamMonitor:
         self._generation = 0
         self._out: Any = None  # the producer; replaced after a delivery failure
         self._reload_lock = threading.Lock()
-        self._reload_request: Path | None = None
-        self._loading: concurrent.futures.Future[Detector] | None = None
+        # (the default model's path, the paths to load again: None for all) of a reload
+        self._reload_request: tuple[Path, set[Path] | None] | None = None
+        self._loading: concurrent.futures.Future[Models] | None = None
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdns-reload")
-        self._bundle_signature = _signature(settings.model)
+        self._signatures = {p: _signature(p) for p in self._paths()}
         self._next_reload_check = time.monotonic() + settings.reload_check_s
         self._log_throttle = _Throttle(10.0)
 
@@ -211,6 +215,14 @@ class StreamMonitor:
         log.info("model %s (%s, %s): score %s, backend %s on %s", det.name, det.hash[:12],
                  signed, det.score_mode, det.backend, det.device)  # fmt: skip
         return det
+
+    @property
+    def detector(self) -> Detector:
+        """The default model (for keys no route matches)."""
+        return self.models.default
+
+    def _paths(self) -> list[Path]:
+        return [self.settings.model, *(r.model for r in self.settings.routes)]
 
     # ------------------------------------------------------------------ embedding API
     def start(self) -> StreamMonitor:
@@ -253,11 +265,15 @@ class StreamMonitor:
         """True once the consumer has joined its group (the model is loaded already)."""
         return self._joined.wait(timeout)
 
-    def reload(self, path: str | Path | None = None) -> None:
-        """Load a bundle (default: the configured model path again) and swap it in between
-        batches. Safe to call from a signal handler or another thread."""
+    def reload(self, path: str | Path | None = None, *, changed: set[Path] | None = None) -> None:
+        """Load the bundles again (all of them, or those at the `changed` paths) and swap them
+        in between batches; with `path`, the default model comes from there instead. Safe to
+        call from a signal handler or another thread."""
+        default = Path(path) if path is not None else self.settings.model
+        if path is not None and changed is not None:
+            changed = changed | {default}
         with self._reload_lock:
-            self._reload_request = Path(path) if path is not None else self.settings.model
+            self._reload_request = (default, changed)
 
     def not_ready(self) -> str | None:
         """None when ready, else why not (what `/readyz` answers)."""
@@ -414,8 +430,8 @@ class StreamMonitor:
 
     def _submit(self, messages: list[Any], decoders: concurrent.futures.Executor) -> None:
         """Send a micro-batch down the pipeline (decoders, then the scorer)."""
-        batch = _Batch(messages, self.detector, self._generation)
-        batch.decoded = decoders.submit(self._decode_all, messages, batch.detector)
+        batch = _Batch(messages, self.models, self._generation)
+        batch.decoded = decoders.submit(self._decode_all, messages, batch.models)
         self._inflight.append(batch)
         self._to_score.put(batch)
 
@@ -613,22 +629,25 @@ class StreamMonitor:
 
     # ------------------------------------------------------------------ decode and score
     def _decode_all(
-        self, messages: list[Any], detector: Detector
+        self, messages: list[Any], models: Models
     ) -> tuple[list[_Frame], list[tuple[Any, FrameError, Source]]]:
-        """On a decoder thread: frames prepared for `detector`, and the undecodable messages."""
+        """On a decoder thread: frames prepared for the model of their key, and the
+        undecodable messages."""
         frames: list[_Frame] = []
         dead: list[tuple[Any, FrameError, Source]] = []
         for m in messages:
             key, key_encoding = encode_key(m.key)
             base = dict(topic=m.topic, partition=m.partition, offset=m.offset, key=key,
                         key_encoding=key_encoding, timestamp_ms=m.timestamp)  # fmt: skip
+            detector = models.for_key(m.key)
             try:
                 images = detector.prepare(self._decode(m))
             except FrameError as exc:
                 dead.append((m, exc, Source(**base)))
                 continue
             for i in range(images.shape[0]):
-                frames.append(_Frame(Source(**base, frame_index=i), m.key, images[i : i + 1]))
+                source = Source(**base, frame_index=i)
+                frames.append(_Frame(source, m.key, images[i : i + 1], detector))
         return frames, dead
 
     def _decode(self, message: Any) -> np.ndarray:
@@ -687,9 +706,9 @@ class StreamMonitor:
         """Score one micro-batch synchronously and deliver every record it causes
         (acknowledged), or raise OutputError having changed nothing but the broker's topics.
         For embedding without a consumer; `run` pipelines the same steps."""
-        batch = _Batch(messages, self.detector, self._generation)
+        batch = _Batch(messages, self.models, self._generation)
         done: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        done.set_result(self._decode_all(messages, batch.detector))
+        done.set_result(self._decode_all(messages, batch.models))
         batch.decoded = done
         with self._score_lock:
             self._score_batch(batch, producer)
@@ -722,27 +741,37 @@ class StreamMonitor:
         )
 
     def _score(self, frames: list[_Frame], batch: _Batch, producer: Any) -> None:
-        s, detector = self.settings, batch.detector
-        model = ModelRef(hash=detector.hash, name=detector.name)
-        try:
-            scores = detector.anomaly_scores(np.concatenate([f.image for f in frames]))
-        except Exception:
-            frames, scores = self._score_one_by_one(frames, batch, producer)
-            if not frames:
-                return
-        result = detector.result(scores, alarm_rate=s.alarm_rate, threshold=s.threshold)
+        """Score the frames model by model; send their records in offset order."""
+        s = self.settings
+        verdicts: dict[int, tuple[float, float, bool, float | None, float | None]] = {}
+        for detector in {id(f.detector): f.detector for f in frames}.values():
+            mine = [f for f in frames if f.detector is detector]
+            try:
+                scores = detector.anomaly_scores(np.concatenate([f.image for f in mine]))
+            except Exception:
+                mine, scores = self._score_one_by_one(mine, batch, producer)
+                if not mine:
+                    continue
+            result = detector.result(scores, alarm_rate=s.alarm_rate, threshold=s.threshold)
+            for i, frame in enumerate(mine):
+                verdicts[id(frame)] = (float(result.scores[i]), float(result.p_values[i]),
+                                       bool(result.flags[i]), result.alarm_rate,
+                                       result.threshold)  # fmt: skip
         now_ms = int(time.time() * 1000)
-        for i, frame in enumerate(frames):
+        for frame in frames:
+            if id(frame) not in verdicts:  # dead-lettered by _score_one_by_one
+                continue
+            score, p_value, flagged, alarm_rate, threshold = verdicts[id(frame)]
+            model = ModelRef(hash=frame.detector.hash, name=frame.detector.name)
             topic = frame.source.topic
             batch.frames[topic] += 1
-            score, p_value = float(result.scores[i]), float(result.p_values[i])
             if s.scores_topic:
                 record = ScoreRecord(source=frame.source, score=score, p_value=p_value,
-                                     flagged=bool(result.flags[i]), model=model)  # fmt: skip
+                                     flagged=flagged, model=model)  # fmt: skip
                 batch.futures.append(
                     producer.send(s.scores_topic, key=frame.key, value=_json(record))
                 )
-            if not result.flags[i]:
+            if not flagged:
                 continue
             batch.flagged[topic] += 1
             incident, send = self.incidents.flagged(
@@ -751,7 +780,7 @@ class StreamMonitor:
             if not send:
                 continue
             alert = Alert(source=frame.source, score=score, p_value=p_value,
-                          alarm_rate=result.alarm_rate, threshold=result.threshold, model=model,
+                          alarm_rate=alarm_rate, threshold=threshold, model=model,
                           detected_at_ms=now_ms, incident=incident)  # fmt: skip
             batch.alerts.append(alert)
             batch.futures.append(producer.send(s.alert_topic, key=frame.key, value=_json(alert)))
@@ -764,7 +793,7 @@ class StreamMonitor:
         kept, scores = [], []
         for frame in frames:
             try:
-                scores.append(batch.detector.anomaly_scores(frame.image)[0])
+                scores.append(frame.detector.anomaly_scores(frame.image)[0])
                 kept.append(frame)
             except Exception as exc:
                 log.exception("scoring failed for %s[%d]@%d", frame.source.topic,
@@ -836,17 +865,25 @@ class StreamMonitor:
         s = self.settings
         if s.reload_check_s > 0 and time.monotonic() >= self._next_reload_check:
             self._next_reload_check = time.monotonic() + s.reload_check_s
-            signature = _signature(s.model)
-            if signature != self._bundle_signature and signature is not None:
-                log.info("the bundle at %s changed; reloading", s.model)
-                self._bundle_signature = signature
-                self.reload()
+            touched: set[Path] = set()
+            for path in self._paths():
+                signature = _signature(path)
+                if signature != self._signatures.get(path) and signature is not None:
+                    log.info("the bundle at %s changed; reloading", path)
+                    self._signatures[path] = signature
+                    touched.add(path)
+            if touched:
+                self.reload(changed=touched)
         with self._reload_lock:
             request, self._reload_request = self._reload_request, None
         if request is not None and self._loading is None:
-            self._loading = self._loader.submit(self._load, request)
+            default, changed = request
+            self._loading = self._loader.submit(
+                Models.load, default, s.routes, self._load, self.models, changed
+            )
         elif request is not None:  # one load at a time: ask again once this one is done
-            self.reload(request)
+            with self._reload_lock:
+                self._reload_request = self._reload_request or request
         if self._loading is None or not self._loading.done():
             return
         loading, self._loading = self._loading, None
@@ -855,14 +892,16 @@ class StreamMonitor:
         except (SdnsError, OSError) as exc:
             self.metrics.reloads.labels(result="failed").inc()
             self.stats.reload_failures += 1
-            log.error("reload failed, keeping model %s: %s", self.detector.hash[:12], exc)
+            log.error("reload failed, keeping the models in use: %s", exc)
             return
-        old, self.detector = self.detector, new
-        self.model_ref = ModelRef(hash=new.hash, name=new.name)
-        self.metrics.set_model(new.name, new.hash)
+        old, self.models = self.models, new
+        self.metrics.set_models([(d.name, d.hash) for d in new.unique()])
         self.metrics.reloads.labels(result="ok").inc()
         self.stats.reloads += 1
-        log.info("model reloaded: %s %s -> %s", new.name, old.hash[:12], new.hash[:12])
+        before = {d.hash for d in old.unique()}
+        for det in new.unique():
+            if det.hash not in before:
+                log.info("model reloaded: %s %s", det.name, det.hash[:12])
 
 
 def _rebalance_listener(monitor: StreamMonitor, consumer: Any) -> Any:

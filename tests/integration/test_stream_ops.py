@@ -37,6 +37,7 @@ from kafka_helpers import (
 
 from sdns_monitor.broker import Broker, start_broker
 from sdns_monitor.detector import Detector
+from sdns_monitor.settings import load_settings
 from sdns_monitor.stream import StreamMonitor
 
 
@@ -216,6 +217,48 @@ def _renamed_copy(bundle: Path, out: Path, name: str) -> Path:
     manifest["name"] = name
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
+
+
+@pytest.mark.integration
+def test_keys_are_routed_to_their_bundles_and_a_route_reloads_alone(
+    kafka_broker: Broker, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """One run, two models: frames of cam-b are scored by the lobby bundle, all other keys by
+    the default; swapping the lobby bundle reloads it alone."""
+    names = topics(kafka_broker, "frames", "alerts", "scores")
+    v1 = _renamed_copy(tiny_bundle, tmp_path / "lobby-v1.sdns", "lobby-v1")
+    v2 = _renamed_copy(tiny_bundle, tmp_path / "lobby-v2.sdns", "lobby-v2")
+    lobby = tmp_path / "lobby.sdns"
+    lobby.symlink_to(v1)
+    config = tmp_path / "config.toml"
+    config.write_text(f"[[routes]]\nkeys = ['cam-b']\nmodel = '{lobby}'\n")
+    base = run_settings(kafka_broker, tiny_bundle, names, device="cpu", reload_check_s=0.2)
+    settings = load_settings(
+        {k: v for k, v in base.model_dump().items() if k not in ("security", "routes")},
+        {}, config,
+    )  # fmt: skip
+    monitor = StreamMonitor(settings).start()
+    try:
+        assert monitor.wait_ready(30)
+        frames = [png(im) for im in noise(2, seed=21)]
+        produce(kafka_broker, names["frames"], frames, key=b"cam-a")
+        produce(kafka_broker, names["frames"], frames, key=b"cam-b")
+        wait_for(lambda: monitor.stats.frames == 4, 30, "four frames")
+        swap = tmp_path / "next.sdns"
+        swap.symlink_to(v2)
+        swap.replace(lobby)
+        wait_for(lambda: monitor.stats.reloads == 1, 30, "the lobby bundle reloaded")
+        produce(kafka_broker, names["frames"], frames, key=b"cam-b")
+        produce(kafka_broker, names["frames"], frames[:1], key=b"cam-a")
+        wait_for(lambda: monitor.stats.frames == 7, 30, "seven frames")
+    finally:
+        monitor.stop()
+    records = read_all(kafka_broker, names["scores"], 7)
+    by_key = [(m.key, json.loads(m.value)["model"]["name"]) for m in records]
+    assert by_key == [(b"cam-a", "tiny")] * 2 + [(b"cam-b", "lobby-v1")] * 2 + [
+        (b"cam-b", "lobby-v2")
+    ] * 2 + [(b"cam-a", "tiny")]
+    assert monitor.detector.name == "tiny"  # the default was not reloaded
 
 
 @pytest.mark.integration
