@@ -346,12 +346,25 @@ def _mutated_payloads(draw: st.DrawFn) -> bytes:
     return bytes(data[:cut]) if draw(st.booleans()) else bytes(data)
 
 
+_PAYLOADS = st.one_of(st.binary(max_size=512), _mutated_payloads())
+_CONTENT_TYPES = st.none() | st.sampled_from(["image/png", "image/jpeg", "application/x-npy"])
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    data=st.one_of(st.binary(max_size=512), _mutated_payloads()),
-    content_type=st.none() | st.sampled_from(["image/png", "image/jpeg", "application/x-npy"]),
-)
+@given(data=_PAYLOADS, content_type=_CONTENT_TYPES)
 def test_arbitrary_bytes_decode_or_raise_frame_error(data: bytes, content_type: str | None) -> None:
+    _decodes_or_refuses(data, content_type)
+
+
+@pytest.mark.slow
+@settings(max_examples=20_000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=_PAYLOADS, content_type=_CONTENT_TYPES)
+def test_decoder_fuzzing_long_run(data: bytes, content_type: str | None) -> None:
+    """The same property, 100 times longer (`make test-slow`; a few minutes)."""
+    _decodes_or_refuses(data, content_type)
+
+
+def _decodes_or_refuses(data: bytes, content_type: str | None) -> None:
     try:
         out = decode_bytes(data, content_type)
     except FrameError as exc:
