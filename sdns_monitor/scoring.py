@@ -36,6 +36,19 @@ def p_values(scores: np.ndarray, calibration: np.ndarray) -> np.ndarray:
     return (1.0 + at_least) / (n + 1.0)
 
 
+def cannot_flag(n_calibration: int, alarm_rate: float) -> str | None:
+    """Why no frame can ever be flagged at `alarm_rate`, if so: the smallest p-value is
+    1 / (n + 1), so fewer than 1 / alarm_rate - 1 calibration scores flag nothing."""
+    if 1.0 / (n_calibration + 1.0) < alarm_rate:
+        return None
+    need = int(np.ceil(1.0 / alarm_rate))
+    return (
+        f"with {n_calibration} calibration scores the smallest p-value is "
+        f"{1.0 / (n_calibration + 1.0):.3g}, not below the alarm rate {alarm_rate:g}: nothing "
+        f"can be flagged; recalibrate on at least {need} images or raise the alarm rate"
+    )
+
+
 def conformal_cutoff(calibration: np.ndarray, alarm_rate: float) -> float | None:
     """The smallest score whose p-value is below `alarm_rate`'s rule boundary: scores above it
     are flagged (None when no score can be, i.e. fewer than 1/alarm_rate calibration scores).

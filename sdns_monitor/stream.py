@@ -61,6 +61,7 @@ from sdns_monitor.records import (
     encode_key,
 )
 from sdns_monitor.routing import Models
+from sdns_monitor.scoring import cannot_flag
 from sdns_monitor.settings import RunSettings
 
 log = logging.getLogger("sdns_monitor.stream")
@@ -211,6 +212,10 @@ class StreamMonitor:
         det = Detector.load(path, device=s.device, score=s.score, backend=s.backend,
                             cache_dir=s.cache_dir, batch_size=max(s.batch_size, 64),
                             public_key=s.public_key, require_signed=s.require_signed)  # fmt: skip
+        if s.threshold is None:
+            rate = s.alarm_rate if s.alarm_rate is not None else det.alarm_rate
+            if (problem := cannot_flag(len(det.calibration), rate)) is not None:
+                log.warning("model %s: %s", det.name, problem)
         signed = f"signed by {det.bundle.signed_by}" if det.bundle.signed_by else "unsigned"
         log.info("model %s (%s, %s): score %s, backend %s on %s", det.name, det.hash[:12],
                  signed, det.score_mode, det.backend, det.device)  # fmt: skip

@@ -42,6 +42,7 @@ from sdns_monitor.features import extract_features
 from sdns_monitor.index import ReferenceIndex, anomaly_scores, approximation_quality
 from sdns_monitor.lowlevel import DEFAULT_K, combine, lowlevel_features, pooled_side
 from sdns_monitor.preprocess import prepare_uint8
+from sdns_monitor.scoring import cannot_flag
 from trainer.config import TrainConfig
 from trainer.loop import Trainer, dist_info
 from trainer.negatives import shift
@@ -285,6 +286,8 @@ def fit(
         )
 
     wall = time.perf_counter() - started
+    if (problem := cannot_flag(len(cal_scores), cfg.alarm_rate)) is not None:
+        log(f"warning: {problem}")
     manifest = Manifest(
         name=out.name.removesuffix(".sdns"),
         backbone=backbone_cfg.model_copy(update={"drop_path": 0.0}),

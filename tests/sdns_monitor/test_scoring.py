@@ -8,7 +8,7 @@ import torch
 
 from sdns_monitor.errors import ConfigError
 from sdns_monitor.index import ReferenceIndex, anomaly_scores
-from sdns_monitor.scoring import conformal_cutoff, kernel_score, p_values
+from sdns_monitor.scoring import cannot_flag, conformal_cutoff, kernel_score, p_values
 
 
 def _unit(n: int, d: int, seed: int) -> np.ndarray:
@@ -174,3 +174,15 @@ def test_conformal_cutoff_separates_exactly_the_flagged_scores(n: int, alarm_rat
         assert not flagged.any()
     else:
         np.testing.assert_array_equal(flagged, probes > cutoff)
+
+
+def test_cannot_flag_says_when_the_calibration_set_is_too_small() -> None:
+    assert cannot_flag(99, 0.01) is not None  # smallest p-value 1/100 is not below 0.01
+    assert cannot_flag(100, 0.01) is None  # 1/101 < 0.01
+    message = cannot_flag(60, 0.01)
+    assert message is not None and "at least 100 images" in message and "\n" not in message
+    # the rule agrees with the flags the p-values give
+    for n in (9, 10, 99, 100):
+        calibration = np.sort(np.random.default_rng(n).random(n))
+        smallest = p_values(np.array([10.0]), calibration)[0]
+        assert (cannot_flag(n, 0.1) is None) == bool(smallest < 0.1)
