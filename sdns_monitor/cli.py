@@ -375,11 +375,13 @@ def run(
     import signal
 
     from sdns_monitor.settings import load_settings
-    from sdns_monitor.stream import StreamMonitor
+    from sdns_monitor.stream import ClientLogThrottle, StreamMonitor
 
     settings = load_settings(given, os.environ, config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO lines are per connection
+    for handler in logging.getLogger().handlers:  # an outage: one line a minute per kind
+        handler.addFilter(ClientLogThrottle())
     monitor = StreamMonitor(settings)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: monitor.request_stop())

@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import queue
+import re
 import threading
 import time
 from collections import Counter as Tally
@@ -972,6 +973,31 @@ class _Throttle:
 
     def take_suppressed(self, key: str) -> int:
         return self._held.pop(key, 0)
+
+
+class ClientLogThrottle(logging.Filter):
+    """For the handlers of `run`: the Kafka client logs every failed reconnect (several lines
+    a second while a broker is down). Passes the first line of each kind (digits ignored),
+    then one per `every_s` with how many were held back; other loggers pass untouched."""
+
+    def __init__(self, every_s: float = 60.0, prefix: str = "kafka") -> None:
+        super().__init__()
+        self.prefix = prefix
+        self._throttle = _Throttle(every_s)
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefix):
+            return True
+        key = f"{record.name}:{re.sub(r'[0-9]+', '#', record.getMessage())[:120]}"
+        with self._lock:
+            if not self._throttle.ready(key):
+                return False
+            held = self._throttle.take_suppressed(key)
+        if held:
+            record.msg = f"{record.getMessage()} ({held} similar lines held back)"
+            record.args = None
+        return True
 
 
 def _partitions(tps: set[Any]) -> str:
