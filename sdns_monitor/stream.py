@@ -91,9 +91,15 @@ class StreamStats:
     reloads: int = 0
     reload_failures: int = 0  # bundles refused on reload (the old model stayed)
     started: float = field(default_factory=time.monotonic)
+    busy_from: float | None = None  # when the first frame's batch was consumed
+    busy_until: float | None = None  # when the last frame's batch was delivered
 
     def frames_per_second(self) -> float:
-        return self.frames / max(time.monotonic() - self.started, 1e-9)
+        """Frames over the time from the first frame consumed to the last one delivered (not
+        from start-up: model loading and an idle topic are not throughput)."""
+        if self.busy_from is None or self.busy_until is None:
+            return 0.0
+        return self.frames / max(self.busy_until - self.busy_from, 1e-9)
 
     def summary(self) -> str:
         return (
@@ -839,6 +845,10 @@ class StreamMonitor:
     def _apply_locked(self, batch: _Batch) -> None:
         st, m = self.stats, self.metrics
         st.messages += sum(batch.messages_by_topic.values())
+        if batch.frames:
+            if st.busy_from is None:
+                st.busy_from = batch.started
+            st.busy_until = time.monotonic()
         st.frames += sum(batch.frames.values())
         st.flagged += sum(batch.flagged.values())
         st.alerts += len(batch.alerts)
