@@ -1,6 +1,7 @@
 """fp32 vs bf16 autocast for one SDNS training step, side by side in one run.
 
-`fit --precision auto` uses bf16 on GPUs only; this measures whether that holds on the CPU at
+The training config's `precision: auto` (recipes, `TrainConfig.precision`) uses bf16 on GPUs
+only; this measures whether that holds on the CPU at
 hand (the prototype in METHOD.md saw bf16 3-5x faster on other CPUs).
 
     python benchmarks/precision.py [--recipe quick] [--steps 5]

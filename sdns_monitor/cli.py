@@ -509,7 +509,10 @@ def export(
     cache_dir: Annotated[
         Path | None, typer.Option(help="Engine cache (default ~/.cache/sdns-monitor)")
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Largest batch the engine takes")] = 256,
+    batch_size: Annotated[
+        int,
+        typer.Option(min=1, help="Largest batch the engine takes: run uses max(--batch-size, 64)"),
+    ] = 64,
 ) -> None:
     """Build the encoder for a backend ahead of time (a TensorRT engine in the cache directory)
     and check that it agrees with eager fp32 on random input."""

@@ -180,6 +180,15 @@ class RunSettings(BaseModel):
             raise ValueError(
                 "an input topic is also an output topic; the monitor would read its own alerts"
             )
+        if self.topic_pattern is not None:
+            # As the Kafka client matches a pattern (re.match: a prefix match suffices).
+            own = sorted(t for t in outputs if t is not None and re.match(self.topic_pattern, t))
+            if own:
+                raise ValueError(
+                    f"--topic-pattern {self.topic_pattern!r} matches the output topic {own[0]}; "
+                    "the monitor would read its own outputs (dead letters would loop): "
+                    "narrow the pattern or rename the output topics"
+                )
         return self
 
 

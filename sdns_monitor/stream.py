@@ -78,6 +78,10 @@ class OutputError(SdnsError):
     """Alerts, scores or dead letters could not be delivered; nothing was committed."""
 
 
+class BrokerUnreachable(SdnsError):
+    """No Kafka broker answered when the monitor started."""
+
+
 @dataclass
 class StreamStats:
     messages: int = 0
@@ -319,6 +323,7 @@ class StreamMonitor:
             # The broker may hold a fetch this long waiting for data: keep it near the batch
             # wait, or frames of a quiet stream wait the client's 500 ms default.
             fetch_max_wait_ms=min(500, max(10, s.max_wait_ms)),
+            bootstrap_timeout_ms=15_000,  # then start-up fails with one line (BrokerUnreachable)
             max_partition_fetch_bytes=max(s.max_frame_bytes + 1024, 1 << 20),
             fetch_max_bytes=max(s.max_frame_bytes * 2, 50 << 20),
             **s.security.client_options(),
@@ -329,6 +334,28 @@ class StreamMonitor:
         else:
             consumer.subscribe(topics=s.topic, listener=listener)
         return consumer
+
+    def _connect(self) -> tuple[Any, Any]:
+        """The consumer and the producer; a broker that does not answer at start-up is a
+        one-line error (later outages are waited out instead)."""
+        from kafka.errors import KafkaError
+
+        try:
+            consumer = self._consumer()
+        except KafkaError as exc:
+            raise BrokerUnreachable(
+                f"no Kafka broker answered at {self.settings.bootstrap_servers} "
+                f"({type(exc).__name__}); check --bootstrap-servers, the network and the "
+                "security settings"
+            ) from None
+        try:
+            return consumer, self._producer()
+        except KafkaError as exc:
+            consumer.close(timeout_ms=COMMIT_TIMEOUT_MS)
+            raise BrokerUnreachable(
+                f"the producer could not reach {self.settings.bootstrap_servers} "
+                f"({type(exc).__name__}); check --bootstrap-servers and the security settings"
+            ) from None
 
     def _producer(self) -> Any:
         from kafka import KafkaProducer
@@ -368,7 +395,7 @@ class StreamMonitor:
             s.decode_workers, thread_name_prefix="sdns-decode"
         )
         try:
-            consumer, self._out = self._consumer(), self._producer()
+            consumer, self._out = self._connect()
             scorer = threading.Thread(target=self._score_loop, name="sdns-score", daemon=True)
             scorer.start()
             try:

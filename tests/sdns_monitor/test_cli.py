@@ -339,3 +339,20 @@ def test_unwritable_report_dir_is_one_line_error(
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert str(blocker) in err
+
+
+def test_run_without_a_reachable_broker_is_one_line_exit_1(tiny_bundle: Path) -> None:
+    """At start-up an unreachable broker is a configuration problem to report, not a
+    traceback (outages after start are waited out)."""
+    from sdns_monitor.broker import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SDNS_METRICS_PORT": "off"}
+    proc = subprocess.run(
+        [str(CONSOLE_SCRIPT), "run", "--topic", "frames", "--model", str(tiny_bundle),
+         "--bootstrap-servers", f"127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no Kafka broker answered at 127.0.0.1:")
+    assert "Traceback" not in proc.stderr

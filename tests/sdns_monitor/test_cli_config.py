@@ -35,6 +35,7 @@ CASES: dict[str, tuple[list[str], dict[str, str], str | None, str]] = {
                              "not legal in Kafka"),
     "reads-its-own-alerts": (["--topic", "sdns-alerts"], {}, None, "read its own alerts"),
     "bad-regex": (["--topic-pattern", "(["], {}, None, "not a valid regex"),
+    "pattern-reads-outputs": (["--topic-pattern", "sdns-.*"], {}, None, "matches the output topic"),
     "port-out-of-range": (["--topic", "a", "--metrics-port", "70000"], {}, None, "metrics_port"),
     "port-text": (["--topic", "a", "--metrics-port", "nine"], {}, None, "metrics_port"),
     "unknown-score": (["--topic", "a", "--score", "best"], {}, None, "--score"),
