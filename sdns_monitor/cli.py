@@ -154,6 +154,10 @@ def fit(
         ),
     ] = None,
     seed: Annotated[int | None, typer.Option()] = None,
+    index_factory: Annotated[
+        str | None,
+        typer.Option(help="FAISS index of the reference bank: Flat (exact), IVF1024,Flat, HNSW32"),
+    ] = None,
     alarm_rate: Annotated[
         float | None, typer.Option(help="Default alarm rate stored in the bundle")
     ] = None,
@@ -180,9 +184,14 @@ def fit(
         patch_size=patch_size,
         score_k=_parse_k(k),
         seed=seed,
+        index_factory=index_factory,
         alarm_rate=alarm_rate,
         aux=aux,
     )
+    if index_factory is not None:
+        from sdns_monitor.index import check_factory
+
+        check_factory(index_factory)  # before training, not after
     bar, update = _progress_printer(quiet)
     log = (lambda _m: None) if quiet else (lambda m: typer.echo(m, err=True))
     if bar is not None:

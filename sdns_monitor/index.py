@@ -3,12 +3,15 @@
 The index type is a FAISS factory string stored in the manifest ("Flat" = exact; "IVF...",
 "HNSW..." for large banks), built with the inner-product metric and searched with NPROBE
 inverted lists / an HNSW candidate list of EF_SEARCH. k = None means all
-references (exact, by matrix products in chunks; no index needed).
+references (exact, by matrix products in chunks; no index needed). On a GPU, "Flat" top-k
+search is a torch matrix product + top-k on the device, and other index types move to the GPU
+when faiss-gpu (the `gpu` extra) is installed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import numpy as np
@@ -16,6 +19,8 @@ import torch
 
 from sdns_monitor.errors import ConfigError
 from sdns_monitor.scoring import kernel_score
+
+log = logging.getLogger(__name__)
 
 
 class ReferenceIndex:
@@ -31,6 +36,7 @@ class ReferenceIndex:
         self.device = device or torch.device("cpu")
         self._bank = torch.from_numpy(self.features).to(self.device)
         self._faiss: Any = None
+        self._gpu_resources: Any = None  # kept alive as long as a GPU index uses them
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -52,7 +58,7 @@ class ReferenceIndex:
                 index.train(self.features)
             index.add(self.features)
             _search_effort(index)
-            self._faiss = index
+            self._faiss, self._gpu_resources = _to_gpu(index, self.device)
         return self._faiss
 
     def search(self, queries: torch.Tensor, k: int | None) -> torch.Tensor:
@@ -60,6 +66,10 @@ class ReferenceIndex:
         when k is None or at least N. Callers chunk the queries (see `anomaly_scores`)."""
         if k is None or k >= len(self):
             return queries.detach().float().to(self.device) @ self._bank.T
+        if self.factory == "Flat" and self.device.type != "cpu":
+            # Exact search on the accelerator as a matrix product + top-k: the features stay
+            # on the device (no FAISS, no host copies); FAISS's CPU index is faster on CPUs.
+            return exact_topk(queries.detach().float().to(self.device), self._bank, k)
         return self.neighbours(queries, k)[0]
 
     def neighbours(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -70,6 +80,26 @@ class ReferenceIndex:
         # FAISS pads with -inf-like values when fewer than k are found (IVF); drop them.
         sims_t = torch.from_numpy(sims)
         return torch.where(sims_t < -1e30, torch.full_like(sims_t, -1e4), sims_t), ids
+
+
+def check_factory(factory: str, dim: int = 64) -> None:
+    """Refuse a FAISS factory string FAISS cannot build, before anything is trained on it."""
+    import faiss
+
+    try:
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        text = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown"
+        first = text.rsplit(": ", 1)[-1]  # FAISS prefixes the C++ function and source line
+        raise ConfigError(
+            f"invalid FAISS index factory {factory!r} ({first}); use Flat, IVF<n>,Flat or HNSW<m>"
+        ) from None
+
+
+def exact_topk(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """Similarities of each query to its k nearest rows of `bank` (M x k, descending), on
+    whatever device both live: the GPU path of `ReferenceIndex.search` for "Flat"."""
+    return (queries @ bank.T).topk(k, dim=1).values
 
 
 def approximation_quality(
@@ -109,6 +139,24 @@ def approximation_quality(
 # all of them, and the HNSW candidate list.
 NPROBE = 64
 EF_SEARCH = 256
+
+
+def _to_gpu(index: Any, device: torch.device) -> tuple[Any, Any]:
+    """(index, GPU resources): the index on the GPU of `device` when FAISS has GPU support
+    (the `gpu` extra, faiss-gpu) and the index type runs there (Flat, IVF); else the CPU index
+    as it is, and None."""
+    import faiss
+
+    if device.type != "cuda" or not hasattr(faiss, "StandardGpuResources"):
+        return index, None
+    if faiss.get_num_gpus() == 0:
+        return index, None
+    try:
+        resources = faiss.StandardGpuResources()
+        return faiss.index_cpu_to_gpu(resources, device.index or 0, index), resources
+    except (RuntimeError, AttributeError) as exc:  # e.g. HNSW has no GPU implementation
+        log.info("FAISS index stays on the CPU: %s", str(exc).splitlines()[0])
+        return index, None
 
 
 def _search_effort(index: Any) -> None:

@@ -37,7 +37,8 @@ class KafkaSecurity(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    # OAUTHBEARER is not offered: kafka-python needs a token provider object, not a setting.
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_plain_username: str | None = None
     sasl_plain_password: SecretStr | None = None
     ssl_cafile: Path | None = None
@@ -50,8 +51,7 @@ class KafkaSecurity(BaseModel):
         sasl = self.security_protocol.startswith("SASL")
         if sasl and self.sasl_mechanism is None:
             raise ValueError(f"security_protocol {self.security_protocol} needs a sasl_mechanism")
-        needs_password = sasl and self.sasl_mechanism != "OAUTHBEARER"
-        if needs_password and (not self.sasl_plain_username or self.sasl_plain_password is None):
+        if sasl and (not self.sasl_plain_username or self.sasl_plain_password is None):
             raise ValueError(
                 f"sasl_mechanism {self.sasl_mechanism} needs sasl_plain_username and "
                 "sasl_plain_password"

@@ -68,6 +68,9 @@ CASES: dict[str, tuple[list[str], dict[str, str], str | None, str]] = {
         [], {}, "topic = ['a']\n[security]\nsecurity_protocol = 'SASL_PLAINTEXT'\n"
         "sasl_mechanism = 'PLAIN'\nsasl_plain_username = 'u'\n", "sasl_plain_password"),
     "other-command-bad-range": (["!broker", "--port", "0"], {}, None, "--port"),
+    "fit-bad-index-factory": (["!fit", "--data", "animals", "--out", "{tmp}/x.sdns",
+                               "--index-factory", "IVFbogus"], {}, None,
+                              "could not parse index string IVFbogus"),
     "other-command-missing-option": (["!calibrate", "--model", "m"], {}, None, "Missing option"),
 }  # fmt: skip
 
