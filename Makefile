@@ -13,7 +13,7 @@ LINT_PATHS := $(wildcard sdns_monitor trainer tests benchmarks examples)
 THREADS ?= $(shell nproc)
 export OMP_NUM_THREADS := $(THREADS)
 
-.PHONY: venv demo test test-slow lint bench bench-recipes bench-quality clean
+.PHONY: venv demo test test-slow lint bench soak bench-recipes bench-quality clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,12 @@ demo: $(STAMP)
 # scikit-learn, bank growth, latency, peak memory (about 15 minutes on 2 cores).
 bench: $(STAMP)
 	$(PY) benchmarks/perf.py --out benchmarks/results/perf.json
+
+# Soak: `sdns-monitor run` as a subprocess under a steady stream with bad frames for MINUTES
+# (default 12): RSS, fds, threads and throughput over time, nothing lost, exit 0 on SIGTERM
+# (about 15 minutes; not part of test or test-slow).
+soak: $(STAMP)
+	$(PY) benchmarks/soak.py $(if $(MINUTES),--minutes $(MINUTES)) --out benchmarks/results/soak.json
 
 # The quick and default recipes side by side (about 70 minutes on 2 cores).
 bench-recipes: $(STAMP)

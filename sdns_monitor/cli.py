@@ -389,6 +389,7 @@ def run(
     settings = load_settings(given, os.environ, config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO lines are per connection
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # which CPU build it loads, at INFO
     for handler in logging.getLogger().handlers:  # an outage: one line a minute per kind
         handler.addFilter(ClientLogThrottle())
     monitor = StreamMonitor(settings)

@@ -762,8 +762,9 @@ class StreamMonitor:
         self._apply(batch)
 
     def _dead_letter(self, producer: Any, message: Any, exc: BaseException, source: Source) -> Any:
-        if self._log_throttle.ready(type(exc).__name__):
-            suppressed = self._log_throttle.take_suppressed(type(exc).__name__)
+        kind = str(exc).split(":")[0][:60]  # the reason, e.g. "empty message value"
+        if self._log_throttle.ready(kind):
+            suppressed = self._log_throttle.take_suppressed(kind)
             more = f" (and {suppressed} more like it)" if suppressed else ""
             log.warning(
                 "dead letter %s[%d]@%d: %s%s",
