@@ -19,6 +19,7 @@ import kubernetes_validate
 import pytest
 import typer
 import yaml
+from settings_probe import env_read_by_the_loader
 from typer.testing import CliRunner
 
 import sdns_monitor.settings as settings_module
@@ -153,29 +154,6 @@ def _cli_options() -> set[str]:
     command = typer.main.get_command(app)
     run = command.commands["run"]  # type: ignore[attr-defined]
     return {opt for param in run.params for opt in [*param.opts, *param.secondary_opts]}
-
-
-def _env_names() -> set[str]:
-    """The SDNS_* variables the settings loader reads: ask it, through a recording mapping."""
-
-    class Recorder(Mapping[str, str]):
-        def __init__(self) -> None:
-            self.asked: set[str] = set()
-
-        def __getitem__(self, key: str) -> str:
-            self.asked.add(key)
-            raise KeyError(key)
-
-        def __iter__(self) -> Iterator[str]:
-            return iter(())
-
-        def __len__(self) -> int:
-            return 0
-
-    env = Recorder()
-    load_settings({"topic": ["frames"], "model": "m.sdns"}, env)
-    assert "SDNS_BOOTSTRAP_SERVERS" in env.asked, "the loader no longer looks names up one by one"
-    return {name for name in env.asked if name.startswith("SDNS_")}
 
 
 _SERIES = {
@@ -375,7 +353,7 @@ def test_every_config_key_is_accepted_by_the_settings_loader(tmp_path: Path) -> 
 
 
 def test_every_sdns_environment_variable_named_in_deploy_is_a_setting() -> None:
-    known = _env_names()
+    known = env_read_by_the_loader()
     named: dict[str, set[str]] = {}
     for path in sorted(DEPLOY.rglob("*")):
         if path.is_file():
@@ -421,7 +399,7 @@ def test_image_exposes_and_checks_the_real_metrics_port_and_health_endpoint(serv
     url = re.search(r"'http://127\.0\.0\.1:'.*?'(\d+)'\) \+ '(/[a-z]+)'", check)
     assert url is not None, check
     assert int(url.group(1)) == default_port
-    assert "SDNS_METRICS_PORT" in check and "SDNS_METRICS_PORT" in _env_names()
+    assert "SDNS_METRICS_PORT" in check and "SDNS_METRICS_PORT" in env_read_by_the_loader()
     assert _status(server + url.group(2)) == 200
     (user,) = [args for op, args in steps if op == "USER"]
     pod = _k8s("Deployment")["spec"]["template"]["spec"]["securityContext"]

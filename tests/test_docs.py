@@ -12,7 +12,7 @@ import re
 import shlex
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import pytest
 import typer
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
+from settings_probe import env_read_by_the_loader
 
 import sdns_monitor
 import sdns_monitor.bundle as bundle
@@ -159,29 +160,6 @@ def _fields() -> dict[str, Any]:
     return {**fields, **KafkaSecurity.model_fields}
 
 
-def _env_read_by_the_loader() -> set[str]:
-    """The SDNS_* variables load_settings looks up: ask it, through a recording mapping."""
-
-    class Recorder(Mapping[str, str]):
-        def __init__(self) -> None:
-            self.asked: set[str] = set()
-
-        def __getitem__(self, key: str) -> str:
-            self.asked.add(key)
-            raise KeyError(key)
-
-        def __iter__(self) -> Iterator[str]:
-            return iter(())
-
-        def __len__(self) -> int:
-            return 0
-
-    env = Recorder()
-    load_settings({"topic": ["frames"], "model": "m.sdns"}, env)
-    assert "SDNS_BOOTSTRAP_SERVERS" in env.asked, "the loader no longer looks names up one by one"
-    return env.asked
-
-
 def test_every_run_setting_is_documented_with_its_default() -> None:
     rows, fields = _settings_rows(), _fields()
     assert set(rows) - set(fields) == set(), "docs/configuration.md documents unknown settings"
@@ -195,7 +173,7 @@ def test_every_run_setting_is_documented_with_its_default() -> None:
 
 def test_every_documented_option_and_variable_is_the_real_one() -> None:
     run_options = _commands()["run"]
-    env_names = _env_read_by_the_loader()
+    env_names = env_read_by_the_loader()
     for key, (option, env, _, meaning) in _settings_rows().items():
         real = f"--{key.replace('_', '-')}"
         if real in run_options:
