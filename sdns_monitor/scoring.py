@@ -9,6 +9,13 @@ With top-k neighbours only the k largest similarities enter the sum (still divid
 top-k and exact scores share one scale). The conformal p-value of a score is the fraction of
 calibration scores at least as large, (1 + #{c >= a}) / (n + 1): flagging p < alpha gives a
 false alarm rate of at most alpha on exchangeable in-distribution frames.
+
+Precision contract: similarities are fp32 inner products of unit vectors of dimension D, and
+the score is taken from them in float64. BLAS picks other kernels for other shapes, thread
+counts and CPUs, so the same similarity can come out differently; each is within
+gamma_D ~ D * 2**-24 of the exact value (the standard bound for a dot product, |x||y| = 1).
+Since the weights of the log-sum-exp sum to one, |da| <= max |ds_i| / T, so two computations of
+one score (chunked or not, any batch, any machine) agree within `score_tolerance(D, T)`.
 """
 
 from __future__ import annotations
@@ -18,6 +25,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+FP32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def score_tolerance(dim: int, temperature: float) -> float:
+    """How far apart two fp32 computations of one anomaly score may be (absolute): twice the
+    similarity error bound D * 2**-24, over T (see the precision contract above)."""
+    return 2.0 * dim * FP32_UNIT_ROUNDOFF / temperature
 
 
 def kernel_score(similarities: torch.Tensor, n_reference: int, temperature: float) -> torch.Tensor:

@@ -8,7 +8,13 @@ import torch
 
 from sdns_monitor.errors import ConfigError
 from sdns_monitor.index import ReferenceIndex, anomaly_scores
-from sdns_monitor.scoring import cannot_flag, conformal_cutoff, kernel_score, p_values
+from sdns_monitor.scoring import (
+    cannot_flag,
+    conformal_cutoff,
+    kernel_score,
+    p_values,
+    score_tolerance,
+)
 
 
 def _unit(n: int, d: int, seed: int) -> np.ndarray:
@@ -134,7 +140,8 @@ def test_chunked_scores_equal_unchunked() -> None:
         whole = anomaly_scores(index, queries, k, 0.04, chunk=1024)
         chunked = anomaly_scores(index, queries, k, 0.04, chunk=5)
         assert whole.shape == (23,)
-        np.testing.assert_allclose(chunked, whole, rtol=1e-12)
+        # Not bit-equal: BLAS picks other fp32 kernels for other shapes (the precision contract).
+        np.testing.assert_allclose(chunked, whole, rtol=0, atol=score_tolerance(8, 0.04))
 
 
 def test_no_queries_give_no_scores() -> None:
