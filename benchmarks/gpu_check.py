@@ -139,8 +139,15 @@ def main() -> None:
                 bf16 = torch.autocast("cuda", dtype=torch.bfloat16)
                 with torch.inference_mode(), torch.cuda.graph(graph), bf16:
                     graph_out = model(static)
-                rows.append((name, n, "CUDA graph bf16", rate(graph.replay, n, sync),
-                             cosine(graph_out, ref)))  # fmt: skip
+                rows.append(
+                    (
+                        name,
+                        n,
+                        "CUDA graph bf16",
+                        rate(graph.replay, n, sync),
+                        cosine(graph_out, ref),
+                    )
+                )
             print(f"  {name} batch {n} done ({time.perf_counter() - started:.0f} s)", flush=True)
 
     # Exact k-NN: matrix product + top-k, against a float64 reference on the CPU.
@@ -161,13 +168,19 @@ def main() -> None:
     ref_sims = torch.topk(queries.double() @ bank.double().T, k, dim=1)
     lines = []
     for dtype, (r, top) in knn.items():
-        overlap = float(torch.tensor([
-            len(set(a.tolist()) & set(bb_.tolist())) / k
-            for a, bb_ in zip(top.indices.cpu(), ref_sims.indices, strict=True)
-        ]).mean())  # fmt: skip
+        overlap = float(
+            torch.tensor(
+                [
+                    len(set(a.tolist()) & set(bb_.tolist())) / k
+                    for a, bb_ in zip(top.indices.cpu(), ref_sims.indices, strict=True)
+                ]
+            ).mean()
+        )
         err = float((top.values.double().cpu() - ref_sims.values).abs().max())
-        lines.append(f"| exact k-NN {dtype}, bank {bank_n:,} x {d}, top-{k} | {r:,.0f} queries/s | "
-                     f"top-k overlap {overlap:.4f}, max |sim error| {err:.1e} |")  # fmt: skip
+        lines.append(
+            f"| exact k-NN {dtype}, bank {bank_n:,} x {d}, top-{k} | {r:,.0f} queries/s | "
+            f"top-k overlap {overlap:.4f}, max |sim error| {err:.1e} |"
+        )
 
     print("\n| model | batch | path | images/s | cosine vs eager fp32 |")
     print("|---|---|---|---|---|")

@@ -80,8 +80,9 @@ def scorer_vs_parts(det: Detector, frames: np.ndarray) -> dict[str, float]:
     def search() -> None:
         anomaly_scores(det.index, feats, det.k, det.temperature)
         if low is not None and det.low_index is not None:
-            anomaly_scores(det.low_index, lowlevel_features(prepared, low.side), low.k,
-                           low.temperature)  # fmt: skip
+            anomaly_scores(
+                det.low_index, lowlevel_features(prepared, low.side), low.k, low.temperature
+            )
 
     parts = {
         "preprocess": best_rate(lambda: det.prepare(batch), BATCH),
@@ -90,9 +91,12 @@ def scorer_vs_parts(det: Detector, frames: np.ndarray) -> dict[str, float]:
     }
     limit = 1 / sum(1 / v for v in parts.values())
     scorer = best_rate(lambda: det.anomaly_scores(det.prepare(batch)), BATCH)
-    return {**{f"{k}_images_per_s": v for k, v in parts.items()},
-            "parts_limit_images_per_s": limit, "scorer_images_per_s": scorer,
-            "scorer_vs_parts_ratio": scorer / limit}  # fmt: skip
+    return {
+        **{f"{k}_images_per_s": v for k, v in parts.items()},
+        "parts_limit_images_per_s": limit,
+        "scorer_images_per_s": scorer,
+        "scorer_vs_parts_ratio": scorer / limit,
+    }
 
 
 # ---------------------------------------------------------------------------- 2, 5, 6. run
@@ -132,8 +136,13 @@ def _produce(broker: Broker, topic: str, values: list[bytes], rate: float | None
 def _read(broker: Broker, topic: str, n: int, timeout_ms: int = 60_000) -> list[Any]:
     from kafka import KafkaConsumer
 
-    consumer = KafkaConsumer(topic, bootstrap_servers=broker.bootstrap_servers, group_id=None,
-                             auto_offset_reset="earliest", consumer_timeout_ms=timeout_ms)  # fmt: skip
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=broker.bootstrap_servers,
+        group_id=None,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=timeout_ms,
+    )
     out = []
     for m in consumer:
         out.append(m)
@@ -147,8 +156,13 @@ def consume_decode_rate(broker: Broker, topic: str, n: int, det: Detector) -> fl
     """Frames/s of a consumer that only reads and decodes (one thread), from the same topic."""
     from kafka import KafkaConsumer
 
-    consumer = KafkaConsumer(topic, bootstrap_servers=broker.bootstrap_servers, group_id=None,
-                             auto_offset_reset="earliest", consumer_timeout_ms=30_000)  # fmt: skip
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=broker.bootstrap_servers,
+        group_id=None,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=30_000,
+    )
     seen, t0 = 0, None
     for m in consumer:
         if t0 is None:
@@ -165,12 +179,31 @@ def consume_decode_rate(broker: Broker, topic: str, n: int, det: Detector) -> fl
 def _start_run(broker: Broker, model: Path, names: dict[str, str], group: str) -> Any:
     env = {**os.environ, "SDNS_SESSION_TIMEOUT_MS": "6000", "SDNS_HEARTBEAT_INTERVAL_MS": "1000"}
     return subprocess.Popen(
-        [sys.executable, "-m", "sdns_monitor.cli", "run", "--topic", names["frames"],
-         "--model", str(model), "--scores-topic", names["scores"], "--alert-topic",
-         names["alerts"], "--bootstrap-servers", broker.bootstrap_servers, "--group-id", group,
-         "--from-beginning", "--metrics-port", "off"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sdns_monitor.cli",
+            "run",
+            "--topic",
+            names["frames"],
+            "--model",
+            str(model),
+            "--scores-topic",
+            names["scores"],
+            "--alert-topic",
+            names["alerts"],
+            "--bootstrap-servers",
+            broker.bootstrap_servers,
+            "--group-id",
+            group,
+            "--from-beginning",
+            "--metrics-port",
+            "off",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -215,12 +248,17 @@ def run_end_to_end(
         "frames": n,
         "run_frames_per_s": run_rate,
         "consume_decode_frames_per_s": decode_rate,
-        "latency_ms_saturating": {"p50": float(np.percentile(saturated, 50)),
-                                  "p99": float(np.percentile(saturated, 99))},
-        "latency_ms_20fps": {"p50": float(np.percentile(quiet, 50)),
-                             "p99": float(np.percentile(quiet, 99)), "frames": len(quiet)},
+        "latency_ms_saturating": {
+            "p50": float(np.percentile(saturated, 50)),
+            "p99": float(np.percentile(saturated, 99)),
+        },
+        "latency_ms_20fps": {
+            "p50": float(np.percentile(quiet, 50)),
+            "p99": float(np.percentile(quiet, 99)),
+            "frames": len(quiet),
+        },
         "run_peak_rss_mb": peak,
-    }  # fmt: skip
+    }
 
 
 # ---------------------------------------------------------------------------- 3, 4. k-NN
@@ -238,10 +276,13 @@ def knn_libraries(bank: np.ndarray, queries: np.ndarray, k: int) -> dict[str, fl
         np.partition(sims, -k, axis=1)[:, -k:]
 
     numpy_rate = best_rate(numpy_topk, len(queries), repeat=3)
-    return {"faiss_queries_per_s": faiss_rate, "sklearn_queries_per_s": sklearn_rate,
-            "numpy_queries_per_s": numpy_rate,
-            "faiss_vs_sklearn_speedup": faiss_rate / sklearn_rate,
-            "faiss_vs_numpy_speedup": faiss_rate / numpy_rate}  # fmt: skip
+    return {
+        "faiss_queries_per_s": faiss_rate,
+        "sklearn_queries_per_s": sklearn_rate,
+        "numpy_queries_per_s": numpy_rate,
+        "faiss_vs_sklearn_speedup": faiss_rate / sklearn_rate,
+        "faiss_vs_numpy_speedup": faiss_rate / numpy_rate,
+    }
 
 
 def _factory(kind: str, n: int) -> str:
@@ -279,10 +320,16 @@ def bank_growth(sizes: list[int], dim: int, kinds: list[str], k: int = 50) -> li
                 recall = float(
                     np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, exact, strict=True)])
                 )
-            rows.append({"n": n, "index": factory, "build_s": build_s,
-                         "search_queries_per_s": len(queries) / search_s,
-                         "index_mb": faiss.serialize_index(built).nbytes / 2**20,
-                         "recall_at_50": recall})  # fmt: skip
+            rows.append(
+                {
+                    "n": n,
+                    "index": factory,
+                    "build_s": build_s,
+                    "search_queries_per_s": len(queries) / search_s,
+                    "index_mb": faiss.serialize_index(built).nbytes / 2**20,
+                    "recall_at_50": recall,
+                }
+            )
             print(
                 f"  bank {n:>8} {factory:<14} build {build_s:7.2f} s  "
                 f"{len(queries) / search_s:9.0f} q/s  recall {recall}",
@@ -344,13 +391,19 @@ def main() -> None:
         fashion = load_dataset("fashion-mnist:test", size=det.manifest.input.size).images
         mnist = load_dataset("mnist:test", size=det.manifest.input.size).images
         results: dict[str, Any] = {
-            "model": {"name": det.name, "hash": det.hash, "recipe": recipe,
-                      "score": det.score_mode, "bank": len(det.index)},
+            "model": {
+                "name": det.name,
+                "hash": det.hash,
+                "recipe": recipe,
+                "score": det.score_mode,
+                "bank": len(det.index),
+            },
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                       f"torch threads {torch.get_num_threads()}, no GPU"
-                       if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+            f"torch threads {torch.get_num_threads()}, no GPU"
+            if not torch.cuda.is_available()
+            else torch.cuda.get_device_name(),
             "batch_size": BATCH,
-        }  # fmt: skip
+        }
         print("scorer vs its parts", flush=True)
         results["scorer"] = scorer_vs_parts(det, fashion)
         print("run end to end", flush=True)
@@ -364,8 +417,9 @@ def main() -> None:
         queries = det.features(det.prepare(fashion[:2000])).numpy()
         results["knn"] = knn_libraries(det.bundle.features, queries, det.k or 200)
         print("bank growth (random unit features)", flush=True)
-        results["bank_growth"] = bank_growth(args.bank_sizes, det.bundle.features.shape[1],
-                                             ["Flat", "IVF", "HNSW"])  # fmt: skip
+        results["bank_growth"] = bank_growth(
+            args.bank_sizes, det.bundle.features.shape[1], ["Flat", "IVF", "HNSW"]
+        )
         results["approximate_search_quality"] = approximate_quality(
             det, fashion[:3000], mnist[:3000]
         )
@@ -410,8 +464,10 @@ def table(r: dict[str, Any]) -> str:
     ]
     for g in r["bank_growth"]:
         recall = "" if g["recall_at_50"] is None else f"{g['recall_at_50']:.3f}"
-        lines.append(f"| {g['n']} | {g['index']} | {g['build_s']:.2f} | "
-                     f"{g['search_queries_per_s']:.0f} | {g['index_mb']:.0f} | {recall} |")  # fmt: skip
+        lines.append(
+            f"| {g['n']} | {g['index']} | {g['build_s']:.2f} | "
+            f"{g['search_queries_per_s']:.0f} | {g['index_mb']:.0f} | {recall} |"
+        )
     lines += [
         "",
         "| index on the model's bank | AUROC F-MNIST -> MNIST | change vs exact |",

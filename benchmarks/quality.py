@@ -65,8 +65,14 @@ from trainer.config import TrainConfig, make_config
 from trainer.fit import fit, load_reference, split_reference
 from trainer.negatives import shift
 
-TASKS = ("fmnist-mnist", "fmnist-animals", "mnist-fmnist", "mnist-animals", "fmnist-04-59",
-         "fmnist-oneclass")  # fmt: skip
+TASKS = (
+    "fmnist-mnist",
+    "fmnist-animals",
+    "mnist-fmnist",
+    "mnist-animals",
+    "fmnist-04-59",
+    "fmnist-oneclass",
+)
 # fit data -> [(task, ID test spec, OOD spec)]
 BASE_FITS: dict[str, list[tuple[str, str, str]]] = {
     "fashion-mnist:train": [
@@ -108,8 +114,13 @@ class Plan:
 
 def plan(fast: bool, recipe: str) -> Plan:
     if fast:
-        methods = {"pixel-knn": 1, "random-encoder": 1, "isolation-forest": 1,
-                   "no-negatives": 1, "sdns-rot": 1}  # fmt: skip
+        methods = {
+            "pixel-knn": 1,
+            "random-encoder": 1,
+            "isolation-forest": 1,
+            "no-negatives": 1,
+            "sdns-rot": 1,
+        }
         classes = {m: [0, 2, 6] for m in methods}
         return Plan("fast", recipe, methods, classes)
     methods = dict.fromkeys([*BASELINES, *TRAINED], 1)
@@ -202,9 +213,14 @@ def sensitivity(
 
 # ---------------------------------------------------------------------------------- runs
 def run_unit(
-    method: str, seed: int, cfg: TrainConfig, fit_spec: str, tasks: list[tuple[str, str, str]],
-    workdir: Path, cache: dict[str, np.ndarray],
-) -> dict[str, Any]:  # fmt: skip
+    method: str,
+    seed: int,
+    cfg: TrainConfig,
+    fit_spec: str,
+    tasks: list[tuple[str, str, str]],
+    workdir: Path,
+    cache: dict[str, np.ndarray],
+) -> dict[str, Any]:
     """One method, seed and fit: its AUROC and FPR95 on the fit's tasks (and sensitivity)."""
     started = time.perf_counter()
     unit: dict[str, Any] = {"results": [], "sensitivity": None, "fit_seconds": None}
@@ -224,8 +240,9 @@ def run_unit(
     for name, score in scorers.items():
         for task, id_spec, ood_spec in tasks:
             m = ood_metrics(score(_images(id_spec, cache)), score(_images(ood_spec, cache)))
-            unit["results"].append({"scorer": name, "task": task, "auroc": m.auroc,
-                                    "fpr95": m.fpr95})  # fmt: skip
+            unit["results"].append(
+                {"scorer": name, "task": task, "auroc": m.auroc, "fpr95": m.fpr95}
+            )
     unit["seconds"] = time.perf_counter() - started
     return unit
 
@@ -249,13 +266,20 @@ def run(p: Plan, workdir: Path, journal: Path, log: Callable[[str], None]) -> di
                 key = f"{method}|{seed}|{fit_spec}|{config}"
                 if key not in done:
                     unit = run_unit(method, seed, cfg, fit_spec, tasks, workdir, cache)
-                    done[key] = {"key": key, "method": method, "seed": seed, "fit": fit_spec,
-                                 **unit}  # fmt: skip
+                    done[key] = {
+                        "key": key,
+                        "method": method,
+                        "seed": seed,
+                        "fit": fit_spec,
+                        **unit,
+                    }
                     with journal.open("a") as f:
                         f.write(json.dumps(done[key]) + "\n")
                     for r in unit["results"]:
-                        log(f"{r['scorer']:<18} seed {seed} {r['task']:<16} {fit_spec:<26} "
-                            f"AUROC {r['auroc']:.4f} FPR95 {r['fpr95']:.4f}")  # fmt: skip
+                        log(
+                            f"{r['scorer']:<18} seed {seed} {r['task']:<16} {fit_spec:<26} "
+                            f"AUROC {r['auroc']:.4f} FPR95 {r['fpr95']:.4f}"
+                        )
                     log(f"  ({unit['seconds']:.0f} s)")
                 units.append(done[key])
 
@@ -304,10 +328,17 @@ def summarise_sensitivity(
         s_all = float(np.mean([np.mean(list(d.values())) for d in per_fit]))
         s_excl = float(np.mean([np.mean([v for k, v in d.items() if k != own]) for d in per_fit]))
         mean_auroc = float(np.mean([c["auroc"] for c in methods[method].values()]))
-        rows[method] = {"S": s_all, "S_without_own": s_excl, "mean_ood_auroc": mean_auroc,
-                        "fits": len(per_fit)}  # fmt: skip
-    out: dict[str, Any] = {"label": "reconstructed (METHOD.md); not the paper's definition",
-                           "shifts": list(SENSITIVITY_SHIFTS), "methods": rows}  # fmt: skip
+        rows[method] = {
+            "S": s_all,
+            "S_without_own": s_excl,
+            "mean_ood_auroc": mean_auroc,
+            "fits": len(per_fit),
+        }
+    out: dict[str, Any] = {
+        "label": "reconstructed (METHOD.md); not the paper's definition",
+        "shifts": list(SENSITIVITY_SHIFTS),
+        "methods": rows,
+    }
     ranked = [m for m in rows if m != "sdns-rot-id" and m != "sdns-rot-aux"]
     if len(ranked) >= 3:
         for key in ("S", "S_without_own"):
@@ -333,12 +364,18 @@ def table(results: dict[str, Any]) -> str:
             row.append(f"{c['auroc']:.3f}{std} ({c['fpr95']:.2f})")
         mean = np.mean([c["auroc"] for c in cells.values()])
         seeds = max(c["seeds"] for c in cells.values())
-        lines.append(f"| {method} ({seeds} seed{'s' if seeds > 1 else ''}) | " + " | ".join(row)
-                     + f" | {mean:.3f} |")  # fmt: skip
+        lines.append(
+            f"| {method} ({seeds} seed{'s' if seeds > 1 else ''}) | "
+            + " | ".join(row)
+            + f" | {mean:.3f} |"
+        )
     sens = results["sensitivity"]["methods"]
     if sens:
-        lines += ["", "| method | S (reconstructed) | S without own shift | mean OOD AUROC |",
-                  "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "| method | S (reconstructed) | S without own shift | mean OOD AUROC |",
+            "|---|---|---|---|",
+        ]
         for m, r in sens.items():
             lines.append(
                 f"| {m} | {r['S']:.3f} | {r['S_without_own']:.3f} | {r['mean_ood_auroc']:.3f} |"
@@ -357,9 +394,11 @@ def main() -> None:
     ap.add_argument("--recipe", default="quick")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/quality.json"))
     ap.add_argument(
-        "--journal", type=Path, default=None,
+        "--journal",
+        type=Path,
+        default=None,
         help="finished units, one JSON line each (default: OUT with .jsonl); reused on a rerun",
-    )  # fmt: skip
+    )
     args = ap.parse_args()
     p = plan(args.fast, args.recipe)
     workdir = Path(tempfile.mkdtemp(prefix="sdns-quality-"))
@@ -384,8 +423,10 @@ def main() -> None:
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print()
     print(table(results))
-    print(f"\nAUROC mean ± std over seeds (FPR95); {p.mode} mode, recipe {p.recipe}, "
-          f"{results['wall_seconds'] / 60:.0f} min; written to {args.out}")  # fmt: skip
+    print(
+        f"\nAUROC mean ± std over seeds (FPR95); {p.mode} mode, recipe {p.recipe}, "
+        f"{results['wall_seconds'] / 60:.0f} min; written to {args.out}"
+    )
 
 
 if __name__ == "__main__":

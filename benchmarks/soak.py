@@ -204,8 +204,13 @@ def produce_steady(
             kind, value = "good", good
         # Bad messages rotate over the keys too, so that every partition gets its share.
         camera = (i // bad_every if kind != "good" else i) % 4
-        future = producer.send(topic, key=b"camera-%d" % camera, value=value, headers=headers,
-                               partition=camera % partitions)  # fmt: skip
+        future = producer.send(
+            topic,
+            key=b"camera-%d" % camera,
+            value=value,
+            headers=headers,
+            partition=camera % partitions,
+        )
         future.add_callback(ok, kind)
         future.add_errback(failed)
         out.sent += 1
@@ -298,8 +303,9 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 120.0) -> list[Any
     plus one, short of the end when that batch held several records."""
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                             enable_auto_commit=False, max_poll_records=5000)  # fmt: skip
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, max_poll_records=5000
+    )
     try:
         parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
         consumer.assign(parts)
@@ -359,8 +365,12 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cores": os.cpu_count(), "cpu": model, "platform": platform.platform(),
-            "python": platform.python_version()}  # fmt: skip
+    return {
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
 
 
 def growth(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any] | None:
@@ -420,13 +430,18 @@ def growth(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any] | N
         "fds": "flat" if fd_flat else "growing",
         "threads": "flat" if thread_flat else "growing",
         "overall": (
-            "growing" if not (rss_flat or rss_levelled) or not fd_flat or not thread_flat
-            else "flat" if rss_flat else "levelling off"
+            "growing"
+            if not (rss_flat or rss_levelled) or not fd_flat or not thread_flat
+            else "flat"
+            if rss_flat
+            else "levelling off"
         ),
-        "thresholds": {"rss_slope_mib_per_10min_below": RSS_SLOPE_LIMIT_MIB_PER_10MIN,
-                       "fd_growth_at_most": FD_GROWTH_LIMIT,
-                       "thread_growth_at_most": THREAD_GROWTH_LIMIT},
-    }  # fmt: skip
+        "thresholds": {
+            "rss_slope_mib_per_10min_below": RSS_SLOPE_LIMIT_MIB_PER_10MIN,
+            "fd_growth_at_most": FD_GROWTH_LIMIT,
+            "thread_growth_at_most": THREAD_GROWTH_LIMIT,
+        },
+    }
     return out
 
 
@@ -443,10 +458,14 @@ def log_stats(path: Path, seconds: float) -> dict[str, Any]:
         key = " ".join([parts[2], *parts[3].split()[:3]]) if logged else "(not a log line)"
         kinds[key] = kinds.get(key, 0) + 1
     common = sorted(kinds.items(), key=lambda kv: -kv[1])[:8]
-    return {"lines": len(lines), "warnings": len(warnings), "errors": len(errors),
-            "lines_per_minute": len(lines) / max(seconds / 60, 1e-9),
-            "commonest": [{"start": k, "count": n} for k, n in common],
-            "first_errors": errors[:5]}  # fmt: skip
+    return {
+        "lines": len(lines),
+        "warnings": len(warnings),
+        "errors": len(errors),
+        "lines_per_minute": len(lines) / max(seconds / 60, 1e-9),
+        "commonest": [{"start": k, "count": n} for k, n in common],
+        "first_errors": errors[:5],
+    }
 
 
 # ---------------------------------------------------------------------------- main
@@ -485,21 +504,41 @@ def main() -> int:
         run_id = uuid.uuid4().hex[:8]
         names = {n: f"soak-{n}-{run_id}" for n in ("frames", "scores", "alerts", "dlq")}
         admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
-        admin.create_topics([NewTopic(t, args.partitions if n == "frames" else 1, 1)
-                             for n, t in names.items()])  # fmt: skip
+        admin.create_topics(
+            [NewTopic(t, args.partitions if n == "frames" else 1, 1) for n, t in names.items()]
+        )
         admin.close()
         group = f"soak-{run_id}"
         port = free_port()
-        cmd = [*run_command(), "run", "--topic", names["frames"], "--model", str(model),
-               "--bootstrap-servers", broker.bootstrap_servers, "--group-id", group,
-               "--scores-topic", names["scores"], "--alert-topic", names["alerts"],
-               "--dlq-topic", names["dlq"], "--from-beginning",
-               "--metrics-host", "127.0.0.1", "--metrics-port", str(port)]  # fmt: skip
+        cmd = [
+            *run_command(),
+            "run",
+            "--topic",
+            names["frames"],
+            "--model",
+            str(model),
+            "--bootstrap-servers",
+            broker.bootstrap_servers,
+            "--group-id",
+            group,
+            "--scores-topic",
+            names["scores"],
+            "--alert-topic",
+            names["alerts"],
+            "--dlq-topic",
+            names["dlq"],
+            "--from-beginning",
+            "--metrics-host",
+            "127.0.0.1",
+            "--metrics-port",
+            str(port),
+        ]
         print(f"broker {broker.bootstrap_servers}; logs in {workdir}", flush=True)
         print("$ " + " ".join(cmd), flush=True)
         with run_log.open("wb") as log_file:
-            proc = subprocess.Popen(cmd, env={**os.environ, **TANSU_ENV}, stdout=log_file,
-                                    stderr=subprocess.STDOUT)  # fmt: skip
+            proc = subprocess.Popen(
+                cmd, env={**os.environ, **TANSU_ENV}, stdout=log_file, stderr=subprocess.STDOUT
+            )
         try:
             result = soak(args, broker, names, group, port, proc, pool, warmup_s)
         finally:
@@ -508,13 +547,26 @@ def main() -> int:
                 proc.wait()
         result["run_log"] = log_stats(run_log, result["seconds_streamed"])
         result["run_log"]["path"] = str(run_log)
-    result.update({
-        "command": cmd, "model": {"path": str(model), "source": model_source},
-        "machine": {**machine(), "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg()},
-        "settings": {"minutes": args.minutes, "rate": args.rate, "warmup_s": warmup_s,
-                     "sample_s": args.sample_s, "bad_every": args.bad_every,
-                     "ood_fraction": args.ood_fraction, "partitions": args.partitions},
-    })  # fmt: skip
+    result.update(
+        {
+            "command": cmd,
+            "model": {"path": str(model), "source": model_source},
+            "machine": {
+                **machine(),
+                "loadavg_start": loadavg_start,
+                "loadavg_end": os.getloadavg(),
+            },
+            "settings": {
+                "minutes": args.minutes,
+                "rate": args.rate,
+                "warmup_s": warmup_s,
+                "sample_s": args.sample_s,
+                "bad_every": args.bad_every,
+                "ood_fraction": args.ood_fraction,
+                "partitions": args.partitions,
+            },
+        }
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
@@ -538,15 +590,27 @@ def soak(
     """Stream, sample, drain, stop and check; returns the measurements and the problems."""
     problems: list[str] = []
     ready_s = wait_ready(proc, port, 180)
-    print(f"`run` (pid {proc.pid}) ready after {ready_s:.1f} s; streaming {args.rate:g} "
-          f"messages/s for {args.minutes:g} min", flush=True)  # fmt: skip
+    print(
+        f"`run` (pid {proc.pid}) ready after {ready_s:.1f} s; streaming {args.rate:g} "
+        f"messages/s for {args.minutes:g} min",
+        flush=True,
+    )
     produced, stop = Produced(), threading.Event()
     producer = threading.Thread(
         target=produce_steady,
-        args=(broker, names["frames"], pool, args.rate, args.minutes * 60, args.bad_every,
-              args.ood_fraction, produced, stop),
+        args=(
+            broker,
+            names["frames"],
+            pool,
+            args.rate,
+            args.minutes * 60,
+            args.bad_every,
+            args.ood_fraction,
+            produced,
+            stop,
+        ),
         daemon=True,
-    )  # fmt: skip
+    )
     t0 = time.monotonic()
     producer.start()
     samples: list[dict[str, Any]] = []
@@ -644,17 +708,30 @@ def soak(
         "drain_s": drain_s,
         "stop_s": stop_s,
         "exit_code": exit_code,
-        "produced": {"messages": total, "good": len(produced.good), "bad": len(produced.bad),
-                     "rate_achieved": produced.sent / max(produced.finished - produced.started,
-                                                          1e-9),
-                     "max_behind_schedule_s": produced.max_behind_s,
-                     "send_errors": produced.errors[:5]},
-        "scored": {"distinct": len(scored), "records": sum(scored.values()),
-                   "duplicates": sum(scored.values()) - len(scored)},
-        "dead_letters": {"distinct": len(dead), "records": sum(dead.values()),
-                         "by_kind": dead_reasons},
-        "lost": {"good_not_scored": lost_good, "bad_not_dead_lettered": lost_bad,
-                 "good_dead_lettered": wrongly_dead, "uncommitted": uncommitted},
+        "produced": {
+            "messages": total,
+            "good": len(produced.good),
+            "bad": len(produced.bad),
+            "rate_achieved": produced.sent / max(produced.finished - produced.started, 1e-9),
+            "max_behind_schedule_s": produced.max_behind_s,
+            "send_errors": produced.errors[:5],
+        },
+        "scored": {
+            "distinct": len(scored),
+            "records": sum(scored.values()),
+            "duplicates": sum(scored.values()) - len(scored),
+        },
+        "dead_letters": {
+            "distinct": len(dead),
+            "records": sum(dead.values()),
+            "by_kind": dead_reasons,
+        },
+        "lost": {
+            "good_not_scored": lost_good,
+            "bad_not_dead_lettered": lost_bad,
+            "good_dead_lettered": wrongly_dead,
+            "uncommitted": uncommitted,
+        },
         "committed_vs_produced": {
             str(p): [offsets_after.get(p, 0), end] for p, end in sorted(ends.items())
         },
@@ -662,7 +739,7 @@ def soak(
         "samples": samples,
         "growth": growth(samples, warmup_s),
         "problems": problems,
-    }  # fmt: skip
+    }
 
 
 def take_sample(
@@ -682,9 +759,19 @@ def take_sample(
         "cpu_s": status["cpu_s"],
         "produced": produced.acked(),
         "loadavg_1m": os.getloadavg()[0],
-        **{k: (metrics or {}).get(k) for k in ("messages", "frames", "dead_letters", "flagged",
-                                               "alerts", "output_failures", "lag")},
-    }  # fmt: skip
+        **{
+            k: (metrics or {}).get(k)
+            for k in (
+                "messages",
+                "frames",
+                "dead_letters",
+                "flagged",
+                "alerts",
+                "output_failures",
+                "lag",
+            )
+        },
+    }
     sample["frames_per_s"] = sample["cpu_percent"] = None
     if last is not None:
         dt = sample["t_s"] - last["t_s"]

@@ -47,9 +47,12 @@ class FrameFetcher:
 
         self.timeout_s = timeout_s
         self.consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
-            fetch_max_wait_ms=100, max_partition_fetch_bytes=17 * 1024 * 1024,
-        )  # fmt: skip
+            bootstrap_servers=bootstrap_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=100,
+            max_partition_fetch_bytes=17 * 1024 * 1024,
+        )
 
     def fetch(self, source: Source) -> bytes | None:
         """The message value at `source`, or None when it is no longer on the topic."""
@@ -105,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap-servers", default="localhost:9092")
     parser.add_argument("--alert-topic", default="sdns-alerts")
     parser.add_argument("--group-id", help="commit progress in this consumer group")
-    parser.add_argument("--from-beginning", action="store_true",
-                        help="read alerts already on the topic (default: only new ones)")  # fmt: skip
+    parser.add_argument(
+        "--from-beginning",
+        action="store_true",
+        help="read alerts already on the topic (default: only new ones)",
+    )
     parser.add_argument("--save-dir", type=Path, help="write each flagged frame here as a PNG")
     parser.add_argument("--max-alerts", type=int, help="stop after N alerts")
     parser.add_argument("--timeout", type=float, help="stop after S seconds")
@@ -122,12 +128,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         consumer = KafkaConsumer(
-            args.alert_topic, bootstrap_servers=args.bootstrap_servers, group_id=args.group_id,
+            args.alert_topic,
+            bootstrap_servers=args.bootstrap_servers,
+            group_id=args.group_id,
             auto_offset_reset="earliest" if args.from_beginning else "latest",
             enable_auto_commit=args.group_id is not None,
             session_timeout_ms=args.session_timeout_ms,
             heartbeat_interval_ms=args.heartbeat_interval_ms,
-        )  # fmt: skip
+        )
         fetcher = FrameFetcher(args.bootstrap_servers) if args.save_dir else None
     except KafkaError as exc:
         log(f"error: cannot reach Kafka at {args.bootstrap_servers} ({exc})")

@@ -24,8 +24,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png",
-                 ".webp": "image/webp"}  # fmt: skip
+CONTENT_TYPES = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".webp": "image/webp",
+}
 FORMATS = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 
 
@@ -115,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     repeat = parser.add_mutually_exclusive_group()
     repeat.add_argument("--loop", action="store_true", help="start over until Ctrl-C")
     repeat.add_argument("--count", type=int, help="send exactly N frames, cycling")
-    parser.add_argument("--format", choices=tuple(FORMATS), default="jpeg",
-                        help="encoding of dataset-spec frames")  # fmt: skip
+    parser.add_argument(
+        "--format", choices=tuple(FORMATS), default="jpeg", help="encoding of dataset-spec frames"
+    )
     parser.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality")
     args = parser.parse_args(argv)
     if args.fps < 0 or (args.count is not None and args.count < 1):
@@ -143,9 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         sent = publish(
-            producer, args.topic, args.camera, schedule(frames, args.count, args.loop),
-            args.fps, log,
-        )  # fmt: skip
+            producer,
+            args.topic,
+            args.camera,
+            schedule(frames, args.count, args.loop),
+            args.fps,
+            log,
+        )
     except KafkaError as exc:
         log(f"error: {exc}")
         return 1

@@ -148,8 +148,10 @@ def make_server(ingest: Ingest, host: str, port: int, max_bytes: int) -> Threadi
                 return
             if int(length) > max_bytes:
                 self.close_connection = True  # the unread body must not be taken as a request
-                self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                            {"error": f"upload of {length} bytes exceeds {max_bytes}"})  # fmt: skip
+                self._reply(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    {"error": f"upload of {length} bytes exceeds {max_bytes}"},
+                )
                 return
             data = self.rfile.read(int(length))
             status, body = ingest.upload(data, self.headers.get("content-type"))

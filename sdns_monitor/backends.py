@@ -84,8 +84,10 @@ def engine_path(
     import torch_tensorrt
 
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-")
-    key = (f"{bundle_hash[:16]}-{gpu}-{spec.channels}x{spec.model_size}-b{max_batch}-"
-           f"trt{torch_tensorrt.__version__}")  # fmt: skip
+    key = (
+        f"{bundle_hash[:16]}-{gpu}-{spec.channels}x{spec.model_size}-b{max_batch}-"
+        f"trt{torch_tensorrt.__version__}"
+    )
     return cache_dir / "tensorrt" / f"{key}.ep"
 
 

@@ -143,18 +143,23 @@ def start_broker(
                 raise BrokerError(f"{host}:{port} is in use; choose another --port") from None
     url = f"tcp://{host}:{port}"
     cmd = [
-        str(binary), "broker",
-        "--listener-url", url,
-        "--advertised-listener-url", url,
-        "--storage-engine", storage,
-    ]  # fmt: skip
+        str(binary),
+        "broker",
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        url,
+        "--storage-engine",
+        storage,
+    ]
     if schema_registry is not None:
         # Tansu reads file:///a/b as the relative path a/b: it runs from / so that it resolves.
         cmd += ["--schema-registry", f"file://{Path(schema_registry).resolve()}"]
     out = log.open("ab") if log else subprocess.DEVNULL
     try:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd="/",
-                                   env={**os.environ, **(env or {})})  # fmt: skip
+        process = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, cwd="/", env={**os.environ, **(env or {})}
+        )
     finally:
         if log:
             out.close()  # type: ignore[union-attr]

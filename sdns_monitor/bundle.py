@@ -324,8 +324,9 @@ def load_bundle(
     if low is not None:
         try:
             lowlevel = np.load(io.BytesIO(files[LOWLEVEL]), allow_pickle=False)
-            calibration_combined = np.load(io.BytesIO(files[CALIBRATION_COMBINED]),
-                                           allow_pickle=False)  # fmt: skip
+            calibration_combined = np.load(
+                io.BytesIO(files[CALIBRATION_COMBINED]), allow_pickle=False
+            )
         except (ValueError, OSError) as exc:
             raise BundleError(f"{path}: cannot read arrays ({exc})") from None
         dim = low.side * low.side * manifest.input.channels
@@ -339,6 +340,14 @@ def load_bundle(
         ):
             raise BundleError(f"{path}: {CALIBRATION_COMBINED} must be a one-dimensional array")
         calibration_combined = np.sort(calibration_combined.astype(np.float64))
-    return Bundle(path, manifest, digest, state, features,
-                  np.sort(calibration.astype(np.float64)), lowlevel,
-                  calibration_combined, signed_by)  # fmt: skip
+    return Bundle(
+        path,
+        manifest,
+        digest,
+        state,
+        features,
+        np.sort(calibration.astype(np.float64)),
+        lowlevel,
+        calibration_combined,
+        signed_by,
+    )

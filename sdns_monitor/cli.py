@@ -229,8 +229,14 @@ def evaluate(
     from sdns_monitor.detector import Detector
     from sdns_monitor.eval_bundle import evaluate_bundle
 
-    det = Detector.load(model, device=device, score=score.value, backend=backend.value,
-                        public_key=public_key, require_signed=require_signed)  # fmt: skip
+    det = Detector.load(
+        model,
+        device=device,
+        score=score.value,
+        backend=backend.value,
+        public_key=public_key,
+        require_signed=require_signed,
+    )
     result = evaluate_bundle(model, id, ood, report_dir=report, limit=limit, detector=det)
     if json_out:
         typer.echo(json.dumps(result))
@@ -264,8 +270,14 @@ def score(
     from sdns_monitor.detector import Detector, check_rule
 
     check_rule(alarm_rate, threshold)
-    det = Detector.load(model, device=device, score=score.value, backend=backend.value,
-                        public_key=public_key, require_signed=require_signed)  # fmt: skip
+    det = Detector.load(
+        model,
+        device=device,
+        score=score.value,
+        backend=backend.value,
+        public_key=public_key,
+        require_signed=require_signed,
+    )
     # Loading at the model's input size resizes image folders of mixed sizes, and keeps
     # memory to what scoring needs; Detector.prepare then leaves the images as they are.
     data = load_dataset(spec, size=det.manifest.input.size)
@@ -481,8 +493,13 @@ def demo(
             shutil.rmtree(model, ignore_errors=True)
             console.print("fitting the quick recipe on fashion-mnist:train (about 2 minutes)")
             fit(data="fashion-mnist:train", out=model, recipe="quick")
-    bar = Progress(TextColumn("monitoring"), BarColumn(), TextColumn("{task.completed}/{task.total}"
-                   " frames"), TextColumn("{task.fields[rate]}"), console=console)  # fmt: skip
+    bar = Progress(
+        TextColumn("monitoring"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} frames"),
+        TextColumn("{task.fields[rate]}"),
+        console=console,
+    )
     task = bar.add_task("run", total=None, rate="")
     started = [0.0]
 
@@ -494,8 +511,15 @@ def demo(
         bar.update(task, completed=done, total=total, rate=f"{rate:.0f} frames/s")
 
     with bar:
-        summary = run_demo(model, workdir, n_id=id_frames, n_ood=ood_frames,
-                           alarm_rate=alarm_rate, progress=progress, log=console.print)  # fmt: skip
+        summary = run_demo(
+            model,
+            workdir,
+            n_id=id_frames,
+            n_ood=ood_frames,
+            alarm_rate=alarm_rate,
+            progress=progress,
+            log=console.print,
+        )
     table = Table(title="sdns-monitor demo", show_header=False)
     for what, value in summary_rows(summary):
         table.add_row(what, value)
@@ -505,8 +529,13 @@ def demo(
         kinds.add_column(column)
     for kind, counts in sorted(summary.per_kind.items()):
         frames, flagged = counts.get("frames", 0), counts.get("flagged", 0)
-        kinds.add_row(kind, "in" if kind == "fashion-mnist" else "out", str(frames), str(flagged),
-                      f"{flagged / max(frames, 1):.3f}")  # fmt: skip
+        kinds.add_row(
+            kind,
+            "in" if kind == "fashion-mnist" else "out",
+            str(frames),
+            str(flagged),
+            f"{flagged / max(frames, 1):.3f}",
+        )
     Console().print(kinds)
     typer.echo(f"report with the flagged frames: {summary.report}")
 
@@ -531,8 +560,9 @@ def export(
     from sdns_monitor.backends import TOLERANCE, agreement
     from sdns_monitor.detector import Detector
 
-    det = Detector.load(model, device=device, backend=backend.value, cache_dir=cache_dir,
-                        batch_size=batch_size)  # fmt: skip
+    det = Detector.load(
+        model, device=device, backend=backend.value, cache_dir=cache_dir, batch_size=batch_size
+    )
     eager = Detector(det.bundle, device=det.device, backend="eager")
     spec = det.manifest.input
     x = torch.rand(8, spec.channels, spec.model_size, spec.model_size, device=det.device)
@@ -554,8 +584,10 @@ def keygen(
     from sdns_monitor.signing import generate_keypair, key_id, load_public_key
 
     private, public = generate_keypair(out)
-    typer.echo(f"wrote {private} (keep it secret) and {public} (give it to `run --public-key`); "
-               f"key id {key_id(load_public_key(public))}")  # fmt: skip
+    typer.echo(
+        f"wrote {private} (keep it secret) and {public} (give it to `run --public-key`); "
+        f"key id {key_id(load_public_key(public))}"
+    )
 
 
 @app.command()
@@ -644,10 +676,18 @@ def report(
     from sdns_monitor.report import write_model_report
 
     path = write_model_report(
-        model, out, eval_dir=eval_dir, frames=frames or [], max_frames=max_frames,
-        reference=reference, neighbours=neighbours, alarm_rate=alarm_rate, score=score.value,
-        device=device, log=lambda m: typer.echo(m, err=True),
-    )  # fmt: skip
+        model,
+        out,
+        eval_dir=eval_dir,
+        frames=frames or [],
+        max_frames=max_frames,
+        reference=reference,
+        neighbours=neighbours,
+        alarm_rate=alarm_rate,
+        score=score.value,
+        device=device,
+        log=lambda m: typer.echo(m, err=True),
+    )
     typer.echo(f"wrote {path}")
 
 

@@ -130,18 +130,26 @@ def run_demo(
     stream = make_stream(n_id, n_ood)
     with start_broker(log=workdir / "tansu.log") as broker:
         log(f"broker (Tansu) on {broker.bootstrap_servers}")
-        names = {"frames": "camera-frames", "alerts": "sdns-alerts",
-                 "dlq": "sdns-dead-letters", "scores": "sdns-scores"}  # fmt: skip
+        names = {
+            "frames": "camera-frames",
+            "alerts": "sdns-alerts",
+            "dlq": "sdns-dead-letters",
+            "scores": "sdns-scores",
+        }
         admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
         admin.create_topics([NewTopic(t, 2 if k == "frames" else 1, 1) for k, t in names.items()])
         admin.close()
 
         producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, linger_ms=5)
         futures = [
-            producer.send(names["frames"], key=f.camera.encode(), value=f.value,
-                          headers=[("content-type", b"image/png")] if f.image is not None else [])
+            producer.send(
+                names["frames"],
+                key=f.camera.encode(),
+                value=f.value,
+                headers=[("content-type", b"image/png")] if f.image is not None else [],
+            )
             for f in stream
-        ]  # fmt: skip
+        ]
         producer.flush()
         producer.close()
         truth: dict[tuple[int, int], DemoFrame] = {}
@@ -149,19 +157,29 @@ def run_demo(
             meta = fut.get(timeout=30)
             truth[(meta.partition, meta.offset)] = f
         n_frames = sum(f.image is not None for f in stream)
-        log(f"published {len(stream)} messages to {names['frames']}: {n_frames} frames from "
-            f"{len({f.camera for f in stream})} cameras, {len(stream) - n_frames} corrupt")  # fmt: skip
+        log(
+            f"published {len(stream)} messages to {names['frames']}: {n_frames} frames from "
+            f"{len({f.camera for f in stream})} cameras, {len(stream) - n_frames} corrupt"
+        )
 
         settings = RunSettings.model_validate(
             {
-                "topic": [names["frames"]], "model": model, "group_id": "sdns-demo",
-                "bootstrap_servers": broker.bootstrap_servers, "alert_topic": names["alerts"],
-                "dlq_topic": names["dlq"], "scores_topic": names["scores"],
-                "from_beginning": True, "alarm_rate": alarm_rate, "metrics_port": None,
-                "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
-                "batch_size": 128, "max_wait_ms": 50,
+                "topic": [names["frames"]],
+                "model": model,
+                "group_id": "sdns-demo",
+                "bootstrap_servers": broker.bootstrap_servers,
+                "alert_topic": names["alerts"],
+                "dlq_topic": names["dlq"],
+                "scores_topic": names["scores"],
+                "from_beginning": True,
+                "alarm_rate": alarm_rate,
+                "metrics_port": None,
+                "session_timeout_ms": 6000,
+                "heartbeat_interval_ms": 1000,
+                "batch_size": 128,
+                "max_wait_ms": 50,
             }
-        )  # fmt: skip
+        )
         monitor = StreamMonitor(settings)
         monitor.start()
         try:
@@ -196,8 +214,13 @@ def run_demo(
 def _read_json(bootstrap: str, topic: str, expect: int, timeout_ms: int = 10_000) -> list[Any]:
     from kafka import KafkaConsumer
 
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
-                             auto_offset_reset="earliest", consumer_timeout_ms=timeout_ms)  # fmt: skip
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=timeout_ms,
+    )
     out: list[Any] = []
     for m in consumer:
         out.append(json.loads(m.value))

@@ -69,9 +69,14 @@ class Detector:
             first = str(exc).splitlines()[0]
             raise BundleError(f"{bundle.path}: weights do not fit the backbone ({first})") from None
         self.encoder, self.backend = build_encoder(
-            encoder, backend, self.device, self.manifest.input, bundle_hash=bundle.hash,
-            cache_dir=cache_dir, max_batch=batch_size,
-        )  # fmt: skip
+            encoder,
+            backend,
+            self.device,
+            self.manifest.input,
+            bundle_hash=bundle.hash,
+            cache_dir=cache_dir,
+            max_batch=batch_size,
+        )
         spec = self.manifest.score
         self.index = ReferenceIndex(bundle.features, spec.index_factory, self.device)
         self.k = spec.k
@@ -149,8 +154,9 @@ class Detector:
         if self.low_index is None or low is None:
             return sdns
         feats = lowlevel_features(prepared, low.side)
-        return combine(sdns, anomaly_scores(self.low_index, feats, low.k, low.temperature),
-                       low.stats)  # fmt: skip
+        return combine(
+            sdns, anomaly_scores(self.low_index, feats, low.k, low.temperature), low.stats
+        )
 
     def sdns_scores(self, prepared: np.ndarray) -> np.ndarray:
         """a(z), the paper's kernel score on teacher features, whatever the score mode."""

@@ -77,11 +77,18 @@ def evaluate_bundle(
             report_dir.mkdir(parents=True, exist_ok=True)
             fpr, tpr = _thinned(*roc_points(id_scores, scores))
             record = {
-                "model": {"name": det.name, "hash": det.hash}, "score": det.score_mode,
-                "id": id_spec, "written_at": written_at, "position": position, **results[-1],
-                "n_id": m.n_id, "n_ood": m.n_ood, "fpr": fpr, "tpr": tpr,
+                "model": {"name": det.name, "hash": det.hash},
+                "score": det.score_mode,
+                "id": id_spec,
+                "written_at": written_at,
+                "position": position,
+                **results[-1],
+                "n_id": m.n_id,
+                "n_ood": m.n_ood,
+                "fpr": fpr,
+                "tpr": tpr,
                 "histogram": f"hist_{_slug(spec)}.png",
-            }  # fmt: skip
+            }
             plot_roc(
                 {spec: curves[spec]},
                 report_dir / f"roc_{_slug(spec)}.png",

@@ -308,8 +308,13 @@ def training_curves_png(curves: dict[str, list[float]]) -> bytes | None:
         for name in names:
             values = curves[name]
             x = np.arange(1, len(values) + 1)
-            ax.plot(x, values, marker="o" if len(values) <= 30 else None,
-                    linewidth=1.2, label=_CURVE_LABELS.get(name, name))  # fmt: skip
+            ax.plot(
+                x,
+                values,
+                marker="o" if len(values) <= 30 else None,
+                linewidth=1.2,
+                label=_CURVE_LABELS.get(name, name),
+            )
         if "lr" in names[0]:
             ax.set_yscale("log")
         ax.set(title=title, xlabel=xlabel)
@@ -332,8 +337,13 @@ def calibration_png(
     label = f"calibration scores (n={calibration.size})"
     ax.hist(calibration, bins=bins, color="#7a9cc6", label=label)
     if threshold is not None:
-        ax.axvline(threshold, color="#c0392b", linestyle="--", linewidth=1.5,
-                   label=f"threshold {threshold:.4g} (alarm rate {alarm_rate:g})")  # fmt: skip
+        ax.axvline(
+            threshold,
+            color="#c0392b",
+            linestyle="--",
+            linewidth=1.5,
+            label=f"threshold {threshold:.4g} (alarm rate {alarm_rate:g})",
+        )
     if frames:
         flagged = [r.score for r in frames if r.flagged]
         normal = [r.score for r in frames if not r.flagged]
@@ -342,8 +352,16 @@ def calibration_png(
             (flagged, "#c0392b", "flagged frames"),
         ):
             if scores:
-                ax.plot(scores, np.zeros(len(scores)), "|", color=colour, markersize=22,
-                        markeredgewidth=2, label=label, clip_on=False)  # fmt: skip
+                ax.plot(
+                    scores,
+                    np.zeros(len(scores)),
+                    "|",
+                    color=colour,
+                    markersize=22,
+                    markeredgewidth=2,
+                    label=label,
+                    clip_on=False,
+                )
     ax.set_xlabel("anomaly score (higher = more out-of-distribution)")
     ax.set_ylabel("calibration images")
     ax.legend(fontsize="small")
@@ -357,8 +375,7 @@ def roc_png(records: list[dict[str, Any]]) -> bytes:
     fig = Figure(figsize=(6.0, 5.2), layout="constrained")
     ax = fig.add_subplot()
     for r in records:
-        ax.plot(r["fpr"], r["tpr"], linewidth=1.5,
-                label=f"{r['ood']} (AUROC {r['auroc']:.3f})")  # fmt: skip
+        ax.plot(r["fpr"], r["tpr"], linewidth=1.5, label=f"{r['ood']} (AUROC {r['auroc']:.3f})")
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8, label="chance")
     ax.axhline(0.95, linestyle=":", color="grey", linewidth=0.8)
     ax.set(xlim=(0, 1), ylim=(0, 1.01), title=f"{records[0]['id']} vs OOD sets")
@@ -525,8 +542,10 @@ def _frames_section(
     )
     if bank is None:
         note += f" {why_no_images}"
-    out = [f'<p class="note">{html.escape(note)}</p><table class="frames">',
-           "<tr><th>frame</th><th>result</th><th>nearest references</th></tr>"]  # fmt: skip
+    out = [
+        f'<p class="note">{html.escape(note)}</p><table class="frames">',
+        "<tr><th>frame</th><th>result</th><th>nearest references</th></tr>",
+    ]
     for r in rows:
         flag = (
             '<span class="flag">FLAGGED</span>' if r.flagged else '<span class="ok">normal</span>'
@@ -665,8 +684,9 @@ def write_model_report(
                 f"pass --reference {hint} (checked against the manifest's training-data "
                 "fingerprint) to see them."
             )
-    page = render_report(det, alarm_rate=alarm_rate, evaluation=evaluation, frames=rows,
-                         bank=bank, why_no_images=why)  # fmt: skip
+    page = render_report(
+        det, alarm_rate=alarm_rate, evaluation=evaluation, frames=rows, bank=bank, why_no_images=why
+    )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")

@@ -185,8 +185,13 @@ class StreamMonitor:
     ) -> None:
         self.settings = settings
         reuse = None if detector is None else Models(detector)
-        self.models = Models.load(settings.model, settings.routes, self._load, reuse,
-                                  changed=None if detector is None else set())  # fmt: skip
+        self.models = Models.load(
+            settings.model,
+            settings.routes,
+            self._load,
+            reuse,
+            changed=None if detector is None else set(),
+        )
         self.on_alert = on_alert
         self.stats = StreamStats()
         self.metrics = Metrics()
@@ -220,16 +225,30 @@ class StreamMonitor:
 
     def _load(self, path: Path) -> Detector:
         s = self.settings
-        det = Detector.load(path, device=s.device, score=s.score, backend=s.backend,
-                            cache_dir=s.cache_dir, batch_size=max(s.batch_size, 64),
-                            public_key=s.public_key, require_signed=s.require_signed)  # fmt: skip
+        det = Detector.load(
+            path,
+            device=s.device,
+            score=s.score,
+            backend=s.backend,
+            cache_dir=s.cache_dir,
+            batch_size=max(s.batch_size, 64),
+            public_key=s.public_key,
+            require_signed=s.require_signed,
+        )
         if s.threshold is None:
             rate = s.alarm_rate if s.alarm_rate is not None else det.alarm_rate
             if (problem := cannot_flag(len(det.calibration), rate)) is not None:
                 log.warning("model %s: %s", det.name, problem)
         signed = f"signed by {det.bundle.signed_by}" if det.bundle.signed_by else "unsigned"
-        log.info("model %s (%s, %s): score %s, backend %s on %s", det.name, det.hash[:12],
-                 signed, det.score_mode, det.backend, det.device)  # fmt: skip
+        log.info(
+            "model %s (%s, %s): score %s, backend %s on %s",
+            det.name,
+            det.hash[:12],
+            signed,
+            det.score_mode,
+            det.backend,
+            det.device,
+        )
         return det
 
     @property
@@ -676,8 +695,14 @@ class StreamMonitor:
         dead: list[tuple[Any, FrameError, Source]] = []
         for m in messages:
             key, key_encoding = encode_key(m.key)
-            base = dict(topic=m.topic, partition=m.partition, offset=m.offset, key=key,
-                        key_encoding=key_encoding, timestamp_ms=m.timestamp)  # fmt: skip
+            base = dict(
+                topic=m.topic,
+                partition=m.partition,
+                offset=m.offset,
+                key=key,
+                key_encoding=key_encoding,
+                timestamp_ms=m.timestamp,
+            )
             detector = models.for_key(m.key)
             try:
                 images = detector.prepare(self._decode(m))
@@ -768,8 +793,12 @@ class StreamMonitor:
             more = f" (and {suppressed} more like it)" if suppressed else ""
             log.warning(
                 "dead letter %s[%d]@%d: %s%s",
-                source.topic, source.partition, source.offset, exc, more,
-            )  # fmt: skip
+                source.topic,
+                source.partition,
+                source.offset,
+                exc,
+                more,
+            )
         value = message.value
         if value is not None and len(value) > self.settings.max_frame_bytes:
             value = None  # too large for the producer: the headers still say where it was
@@ -794,9 +823,13 @@ class StreamMonitor:
                     continue
             result = detector.result(scores, alarm_rate=s.alarm_rate, threshold=s.threshold)
             for i, frame in enumerate(mine):
-                verdicts[id(frame)] = (float(result.scores[i]), float(result.p_values[i]),
-                                       bool(result.flags[i]), result.alarm_rate,
-                                       result.threshold)  # fmt: skip
+                verdicts[id(frame)] = (
+                    float(result.scores[i]),
+                    float(result.p_values[i]),
+                    bool(result.flags[i]),
+                    result.alarm_rate,
+                    result.threshold,
+                )
         now_ms = int(time.time() * 1000)
         for frame in frames:
             if id(frame) not in verdicts:  # dead-lettered by _score_one_by_one
@@ -806,8 +839,9 @@ class StreamMonitor:
             topic = frame.source.topic
             batch.frames[topic] += 1
             if s.scores_topic:
-                record = ScoreRecord(source=frame.source, score=score, p_value=p_value,
-                                     flagged=flagged, model=model)  # fmt: skip
+                record = ScoreRecord(
+                    source=frame.source, score=score, p_value=p_value, flagged=flagged, model=model
+                )
                 batch.futures.append(
                     producer.send(s.scores_topic, key=frame.key, value=_json(record))
                 )
@@ -819,9 +853,16 @@ class StreamMonitor:
             )
             if not send:
                 continue
-            alert = Alert(source=frame.source, score=score, p_value=p_value,
-                          alarm_rate=alarm_rate, threshold=threshold, model=model,
-                          detected_at_ms=now_ms, incident=incident)  # fmt: skip
+            alert = Alert(
+                source=frame.source,
+                score=score,
+                p_value=p_value,
+                alarm_rate=alarm_rate,
+                threshold=threshold,
+                model=model,
+                detected_at_ms=now_ms,
+                incident=incident,
+            )
             batch.alerts.append(alert)
             batch.futures.append(producer.send(s.alert_topic, key=frame.key, value=_json(alert)))
 
@@ -836,13 +877,18 @@ class StreamMonitor:
                 scores.append(frame.detector.anomaly_scores(frame.image)[0])
                 kept.append(frame)
             except Exception as exc:
-                log.exception("scoring failed for %s[%d]@%d", frame.source.topic,
-                              frame.source.partition, frame.source.offset)  # fmt: skip
+                log.exception(
+                    "scoring failed for %s[%d]@%d",
+                    frame.source.topic,
+                    frame.source.partition,
+                    frame.source.offset,
+                )
                 message = next(
-                    m for m in batch.messages
+                    m
+                    for m in batch.messages
                     if (m.topic, m.partition, m.offset)
                     == (frame.source.topic, frame.source.partition, frame.source.offset)
-                )  # fmt: skip
+                )
                 error = FrameError(f"scoring failed: {type(exc).__name__}: {exc}")
                 batch.futures.append(self._dead_letter(producer, message, error, frame.source))
                 batch.dead_letters["ScoringError"] += 1
@@ -970,8 +1016,11 @@ def _rebalance_listener(monitor: StreamMonitor, consumer: Any) -> Any:
         def on_partitions_assigned(self, assigned: set[Any]) -> None:
             monitor._joined.set()
             monitor.metrics.assigned_partitions.set(len(consumer.assignment()))
-            log.info("joined group %s; assigned %s", monitor.settings.group_id,
-                     _partitions(assigned) or "no partitions")  # fmt: skip
+            log.info(
+                "joined group %s; assigned %s",
+                monitor.settings.group_id,
+                _partitions(assigned) or "no partitions",
+            )
 
         def on_partitions_lost(self, lost: set[Any]) -> None:
             for tp in lost:  # another member owns them now: its commits count, not ours

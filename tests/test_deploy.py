@@ -223,9 +223,13 @@ def test_every_kubernetes_manifest_validates_strictly_against_the_newest_kuberne
     version = kubernetes_validate.utils.latest_version()
     manifests = _k8s_manifests()
     assert {d["kind"] for docs in manifests.values() for d in docs} >= {
-        "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Secret",
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "Secret",
         "PersistentVolumeClaim",
-    }  # fmt: skip
+    }
     for path, docs in manifests.items():
         for doc in docs:
             try:

@@ -142,8 +142,11 @@ def load_topic(
     if skipped:
         log.warning(
             "%s: skipped %d of %d messages read that are not images (first: %s)",
-            spec, skipped, n_messages, first_problem,
-        )  # fmt: skip
+            spec,
+            skipped,
+            n_messages,
+            first_problem,
+        )
     take = _round_robin([len(p.frames) for p in parts.values()], max_frames)
     frames = [f for p, n in zip(parts.values(), take, strict=True) for f in p.frames[:n]]
     sources = [s for p, n in zip(parts.values(), take, strict=True) for s in p.sources[:n]]

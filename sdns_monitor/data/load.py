@@ -91,7 +91,8 @@ def _read(
     if name == "kafka":
         servers, topic, limit, timeout = args
         max_frames = None if limit == "all" else int(limit)
-        read = load_topic(servers, topic, max_frames=max_frames, timeout_s=float(timeout),
-                          spec=spec, size=size)  # fmt: skip
+        read = load_topic(
+            servers, topic, max_frames=max_frames, timeout_s=float(timeout), spec=spec, size=size
+        )
         return read.images, None, read.sources
     raise AssertionError(f"parse_spec accepted {name!r} but no reader handles it")

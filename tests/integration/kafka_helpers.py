@@ -67,9 +67,12 @@ def produce(
 def read_all(broker: Broker, topic: str, expect: int, timeout_ms: int = 8000) -> list[Any]:
     """Records of `topic` from the start: stops at `expect` or after `timeout_ms` of silence."""
     consumer = KafkaConsumer(
-        topic, bootstrap_servers=broker.bootstrap_servers, auto_offset_reset="earliest",
-        consumer_timeout_ms=timeout_ms, group_id=None,
-    )  # fmt: skip
+        topic,
+        bootstrap_servers=broker.bootstrap_servers,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=timeout_ms,
+        group_id=None,
+    )
     out = []
     for m in consumer:
         out.append(m)
@@ -86,10 +89,14 @@ def read_json(broker: Broker, topic: str, expect: int, timeout_ms: int = 8000) -
 def run_settings(broker: Broker, bundle: Path, names: dict[str, str], **extra: Any) -> RunSettings:
     """Settings of a monitor reading names["frames"] from the beginning, in its own group."""
     given = {
-        "topic": [names["frames"]], "model": str(bundle), "group_id": f"g-{names['run_id']}",
-        "bootstrap_servers": broker.bootstrap_servers, "from_beginning": True,
-        "alarm_rate": 0.1, **TANSU,
-    }  # fmt: skip
+        "topic": [names["frames"]],
+        "model": str(bundle),
+        "group_id": f"g-{names['run_id']}",
+        "bootstrap_servers": broker.bootstrap_servers,
+        "from_beginning": True,
+        "alarm_rate": 0.1,
+        **TANSU,
+    }
     for role in ("alerts", "dlq", "scores"):
         if role in names:
             given[{"alerts": "alert_topic", "dlq": "dlq_topic", "scores": "scores_topic"}[role]] = (
@@ -155,8 +162,9 @@ def local_s3(log: Path, bucket: str = "tansu") -> Iterator[dict[str, str]]:
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -169,9 +177,12 @@ def local_s3(log: Path, bucket: str = "tansu") -> Iterator[dict[str, str]]:
                     raise AssertionError(f"the S3 server did not start; see {log}") from None
                 time.sleep(0.2)
         yield {
-            "AWS_ENDPOINT": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-        }  # fmt: skip
+            "AWS_ENDPOINT": endpoint,
+            "AWS_ALLOW_HTTP": "true",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+        }
     finally:
         proc.terminate()
         proc.wait(10)

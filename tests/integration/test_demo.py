@@ -13,11 +13,26 @@ import pytest
 @pytest.mark.integration
 def test_demo_streams_scores_and_reports(tiny_bundle: Path, tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "sdns_monitor.cli", "demo", "--workdir", str(tmp_path),
-         "--model", str(tiny_bundle), "--id-frames", "60", "--ood-frames", "10",
-         "--alarm-rate", "0.1"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sdns_monitor.cli",
+            "demo",
+            "--workdir",
+            str(tmp_path),
+            "--model",
+            str(tiny_bundle),
+            "--id-frames",
+            "60",
+            "--ood-frames",
+            "10",
+            "--alarm-rate",
+            "0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
 

@@ -107,14 +107,31 @@ def test_ingest_service_refuses_ood_uploads_and_stores_the_rest(
     assert len(normal) == 2 and det.score(odd, alarm_rate=rate).flags.all()
     store = tmp_path / "store"
     proc = subprocess.Popen(
-        [sys.executable, str(EXAMPLES / "ingest_service.py"), "--model", str(tiny_bundle),
-         "--store", str(store), "--port", "0", "--alarm-rate", str(rate), "--device", "cpu"],
-        stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(EXAMPLES / "ingest_service.py"),
+            "--model",
+            str(tiny_bundle),
+            "--store",
+            str(store),
+            "--port",
+            "0",
+            "--alarm-rate",
+            str(rate),
+            "--device",
+            "cpu",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     lines = LineReader(proc)
     try:
-        wait_for(lambda: lines.find(r"listening on (http://\S+)") or proc.poll() is not None,
-                 90, "the service to listen")  # fmt: skip
+        wait_for(
+            lambda: lines.find(r"listening on (http://\S+)") or proc.poll() is not None,
+            90,
+            "the service to listen",
+        )
         assert proc.poll() is None, lines.text()
         url = lines.find(r"listening on (http://\S+)")[0].group(1)
         status, text = http_get(f"{url}/healthz")
@@ -202,11 +219,27 @@ def test_camera_simulator_publishes_keyed_frames_at_the_frame_rate(
     (folder / "notes.txt").write_text("not a frame")
     fps, count = 20.0, 10
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "camera_simulator.py"),
-         "--bootstrap-servers", kafka_broker.bootstrap_servers, "--topic", names["frames"],
-         "--camera", "door-cam", "--frames", str(folder), "--fps", str(fps), "--count", str(count)],
-        capture_output=True, text=True, timeout=120, env=ENV,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(EXAMPLES / "camera_simulator.py"),
+            "--bootstrap-servers",
+            kafka_broker.bootstrap_servers,
+            "--topic",
+            names["frames"],
+            "--camera",
+            "door-cam",
+            "--frames",
+            str(folder),
+            "--fps",
+            str(fps),
+            "--count",
+            str(count),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"sent {count} frames of camera door-cam to {names['frames']}" in proc.stderr
     records = read_all(kafka_broker, names["frames"], count + 1, timeout_ms=1000)
@@ -228,9 +261,21 @@ def test_camera_simulator_encodes_a_dataset_spec(
     for i, image in enumerate(fashion_test[10:13]):
         (folder / f"{i}.png").write_bytes(png(image))
     code = example("camera_simulator").main(
-        ["--bootstrap-servers", kafka_broker.bootstrap_servers, "--topic", names["frames"],
-         "--camera", "cam-9", "--frames", f"folder:{folder}", "--fps", "0", "--format", "jpeg"]
-    )  # fmt: skip
+        [
+            "--bootstrap-servers",
+            kafka_broker.bootstrap_servers,
+            "--topic",
+            names["frames"],
+            "--camera",
+            "cam-9",
+            "--frames",
+            f"folder:{folder}",
+            "--fps",
+            "0",
+            "--format",
+            "jpeg",
+        ]
+    )
     assert code == 0
     records = read_all(kafka_broker, names["frames"], 4, timeout_ms=2000)
     assert len(records) == 3 and all(r.value.startswith(b"\xff\xd8\xff") for r in records)
@@ -265,12 +310,26 @@ def test_alert_consumer_prints_alerts_and_saves_the_flagged_frames(
 
     saved = tmp_path / "flagged"
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "alert_consumer.py"),
-         "--bootstrap-servers", kafka_broker.bootstrap_servers, "--alert-topic", names["alerts"],
-         "--from-beginning", "--save-dir", str(saved), "--max-alerts", str(stats.alerts),
-         "--timeout", "60"],
-        capture_output=True, text=True, timeout=120, env=ENV,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(EXAMPLES / "alert_consumer.py"),
+            "--bootstrap-servers",
+            kafka_broker.bootstrap_servers,
+            "--alert-topic",
+            names["alerts"],
+            "--from-beginning",
+            "--save-dir",
+            str(saved),
+            "--max-alerts",
+            str(stats.alerts),
+            "--timeout",
+            "60",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
     assert proc.returncode == 0, proc.stderr
     alerts = {
         _where(a["source"]): a for a in read_json(kafka_broker, names["alerts"], stats.alerts)
@@ -300,9 +359,18 @@ def test_alert_consumer_prints_alerts_and_saves_the_flagged_frames(
     # Scripted runs: fewer alerts than --max-alerts within --timeout is exit status 1.
     start = time.monotonic()
     code = example("alert_consumer").main(
-        ["--bootstrap-servers", kafka_broker.bootstrap_servers, "--alert-topic", names["alerts"],
-         "--from-beginning", "--max-alerts", str(stats.alerts + 1), "--timeout", "2"]
-    )  # fmt: skip
+        [
+            "--bootstrap-servers",
+            kafka_broker.bootstrap_servers,
+            "--alert-topic",
+            names["alerts"],
+            "--from-beginning",
+            "--max-alerts",
+            str(stats.alerts + 1),
+            "--timeout",
+            "2",
+        ]
+    )
     assert code == 1 and time.monotonic() - start < 15
     assert len(capsys.readouterr().out.splitlines()) == stats.alerts
 
@@ -382,10 +450,29 @@ def test_fit_and_score_read_a_kafka_topic(
     runner = CliRunner()
     fit = runner.invoke(
         app,
-        ["fit", "--data", spec, "--out", str(out), "--recipe", "quick", "--epochs", "1",
-         "--steps-per-epoch", "2", "--batch-size", "16", "--negatives", "off", "--k", "10",
-         "--device", "cpu", "--quiet"],
-    )  # fmt: skip
+        [
+            "fit",
+            "--data",
+            spec,
+            "--out",
+            str(out),
+            "--recipe",
+            "quick",
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "2",
+            "--batch-size",
+            "16",
+            "--negatives",
+            "off",
+            "--k",
+            "10",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert fit.exit_code == 0, fit.output
     manifest = load_bundle(out).manifest
     assert manifest.training.data == spec

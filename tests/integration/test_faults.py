@@ -26,13 +26,33 @@ def _start(
 ) -> subprocess.Popen[bytes]:
     env = {**os.environ, **TANSU_ENV, "SDNS_BOOTSTRAP_SERVERS": broker.bootstrap_servers}
     return subprocess.Popen(
-        [sys.executable, "-m", "sdns_monitor.cli", "run", "--topic", names["frames"],
-         "--model", str(bundle), "--alert-topic", names["alerts"],
-         "--scores-topic", names["scores"], "--from-beginning", "--alarm-rate", "0.1",
-         "--group-id", f"g-{names['run_id']}", "--batch-size", str(batch),
-         "--incident-cooldown-s", "0"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sdns_monitor.cli",
+            "run",
+            "--topic",
+            names["frames"],
+            "--model",
+            str(bundle),
+            "--alert-topic",
+            names["alerts"],
+            "--scores-topic",
+            names["scores"],
+            "--from-beginning",
+            "--alarm-rate",
+            "0.1",
+            "--group-id",
+            f"g-{names['run_id']}",
+            "--batch-size",
+            str(batch),
+            "--incident-cooldown-s",
+            "0",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 @pytest.mark.integration
@@ -90,9 +110,11 @@ def test_twenty_sigkills_of_a_steady_stream_lose_nothing(
     scored = Counter((s["source"]["partition"], s["source"]["offset"]) for s in scores)
     missing = [(p, o) for p, o, _ in sent if (p, o) not in scored]
     assert not missing, f"{len(missing)} frames never scored, e.g. {missing[:5]}"
-    alerts = {(a["source"]["partition"], a["source"]["offset"])
-              for a in (json.loads(m.value) for m in read_all(kafka_broker, names["alerts"], 10**9, 3000))
-              if a.get("kind") == "alert"}  # fmt: skip
+    alerts = {
+        (a["source"]["partition"], a["source"]["offset"])
+        for a in (json.loads(m.value) for m in read_all(kafka_broker, names["alerts"], 10**9, 3000))
+        if a.get("kind") == "alert"
+    }
     # With no cooldown, every flagged frame must have its alert, whichever process scored it.
     flagged = {(s["source"]["partition"], s["source"]["offset"]) for s in scores if s["flagged"]}
     assert flagged <= alerts, f"{len(flagged - alerts)} flagged frames without an alert"

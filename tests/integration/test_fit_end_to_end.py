@@ -52,9 +52,19 @@ def quick_bundle(fmnist_subset: str, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.mark.integration
 def test_quick_fit_detects_animal_silhouettes(quick_bundle: Path) -> None:
     proc = run(
-        "eval", "--model", str(quick_bundle), "--id", "fashion-mnist:test",
-        "--ood", "animals", "--ood", "mnist:test", "--limit", "3000", "--json",
-    )  # fmt: skip
+        "eval",
+        "--model",
+        str(quick_bundle),
+        "--id",
+        "fashion-mnist:test",
+        "--ood",
+        "animals",
+        "--ood",
+        "mnist:test",
+        "--limit",
+        "3000",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["id"] == "fashion-mnist:test"

@@ -85,11 +85,27 @@ def test_cli_run_stops_cleanly_on_sigterm(kafka_broker: Broker, tiny_bundle: Pat
     produce(kafka_broker, names["frames"], [png(image) for image in noise(3, seed=1)])
     env = {**os.environ, **TANSU_ENV, "SDNS_BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sdns_monitor.cli", "run", "--topic", names["frames"],
-         "--model", str(tiny_bundle), "--alert-topic", names["alerts"], "--from-beginning",
-         "--alarm-rate", "0.1", "--group-id", f"g-{names['run_id']}"],
-        env=env, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sdns_monitor.cli",
+            "run",
+            "--topic",
+            names["frames"],
+            "--model",
+            str(tiny_bundle),
+            "--alert-topic",
+            names["alerts"],
+            "--from-beginning",
+            "--alarm-rate",
+            "0.1",
+            "--group-id",
+            f"g-{names['run_id']}",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         alerts = read_json(kafka_broker, names["alerts"], 1, timeout_ms=60000)
         assert len(alerts) == 1  # three noise frames of one camera: one incident, one alert
@@ -107,8 +123,10 @@ def test_cli_run_stops_cleanly_on_sigterm(kafka_broker: Broker, tiny_bundle: Pat
 def test_cli_run_bad_configuration_is_exit_2(tiny_bundle: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "sdns_monitor.cli", "run", "--model", str(tiny_bundle)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
     assert "give at least one --topic" in proc.stderr

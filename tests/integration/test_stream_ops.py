@@ -172,8 +172,14 @@ def test_an_outage_of_a_durable_broker_loses_nothing(
         names = topics(broker, "frames", "alerts", "scores")
         first = [png(im) for im in fashion_test[2300:2340]] + [png(im) for im in noise(8, 11)]
         produce(broker, names["frames"], first)
-        settings = run_settings(broker, tiny_bundle, names, incident_cooldown_s=0,
-                                batch_size=batch, queue_batches=in_flight)  # fmt: skip
+        settings = run_settings(
+            broker,
+            tiny_bundle,
+            names,
+            incident_cooldown_s=0,
+            batch_size=batch,
+            queue_batches=in_flight,
+        )
         monitor = StreamMonitor(settings, detector=det).start()
         restarted = None
         try:
@@ -183,13 +189,17 @@ def test_an_outage_of_a_durable_broker_loses_nothing(
             wait_for(lambda: monitor.not_ready() is not None, 30, "not ready during the outage")
             time.sleep(2)  # the monitor keeps retrying meanwhile
             assert monitor.error is None and monitor.not_alive() is None
-            restarted = start_broker(broker.port, log=tmp_path / "tansu2.log",
-                                     storage=storage, env=s3)  # fmt: skip
+            restarted = start_broker(
+                broker.port, log=tmp_path / "tansu2.log", storage=storage, env=s3
+            )
             second = [png(im) for im in fashion_test[2340:2360]] + [png(im) for im in noise(4, 12)]
             produce(restarted, names["frames"], second)
             total = len(first) + len(second)
-            wait_for(lambda: _committed(restarted, settings.group_id, names["frames"]) == total,
-                     120, "every frame committed after the restart")  # fmt: skip
+            wait_for(
+                lambda: _committed(restarted, settings.group_id, names["frames"]) == total,
+                120,
+                "every frame committed after the restart",
+            )
             wait_for(lambda: monitor.not_ready() is None, 30, "ready again")
             scores = read_json(restarted, names["scores"], 10**6, timeout_ms=3000)
             alerts = read_json(restarted, names["alerts"], 10**6, timeout_ms=3000)
@@ -235,8 +245,9 @@ def test_keys_are_routed_to_their_bundles_and_a_route_reloads_alone(
     base = run_settings(kafka_broker, tiny_bundle, names, device="cpu", reload_check_s=0.2)
     settings = load_settings(
         {k: v for k, v in base.model_dump().items() if k not in ("security", "routes")},
-        {}, config,
-    )  # fmt: skip
+        {},
+        config,
+    )
     monitor = StreamMonitor(settings).start()
     try:
         assert monitor.wait_ready(30)
@@ -322,9 +333,12 @@ def test_a_topic_pattern_watches_every_matching_topic(
     for i, role in enumerate(("cams-a", "cams-b", "other")):
         produce(kafka_broker, names[role], [png(fashion_test[2500 + i])])
     settings = run_settings(
-        kafka_broker, tiny_bundle, {"frames": "unused", "run_id": run_id},
-        topic=[], topic_pattern=rf"cams-.-{run_id}",
-    )  # fmt: skip
+        kafka_broker,
+        tiny_bundle,
+        {"frames": "unused", "run_id": run_id},
+        topic=[],
+        topic_pattern=rf"cams-.-{run_id}",
+    )
     monitor = StreamMonitor(settings, detector=det)
     stats = monitor.run(idle_exit_s=3.0)
     assert (stats.messages, stats.frames) == (2, 2)  # both camera topics, not "other"
@@ -406,12 +420,30 @@ def test_the_pipeline_never_holds_more_than_queue_batches(
 def _run_cli(broker: Broker, bundle: Path, names: dict[str, str], *extra: str) -> Any:
     env = {**os.environ, **TANSU_ENV, "SDNS_BOOTSTRAP_SERVERS": broker.bootstrap_servers}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sdns_monitor.cli", "run", "--topic", names["frames"],
-         "--model", str(bundle), "--alert-topic", names["alerts"],
-         "--scores-topic", names["scores"], "--from-beginning", "--alarm-rate", "0.1",
-         "--group-id", f"g-{names['run_id']}", *extra],
-        env=env, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sdns_monitor.cli",
+            "run",
+            "--topic",
+            names["frames"],
+            "--model",
+            str(bundle),
+            "--alert-topic",
+            names["alerts"],
+            "--scores-topic",
+            names["scores"],
+            "--from-beginning",
+            "--alarm-rate",
+            "0.1",
+            "--group-id",
+            f"g-{names['run_id']}",
+            *extra,
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     return proc, LineReader(proc)
 
 
@@ -428,8 +460,11 @@ def test_two_processes_of_one_group_split_the_partitions(
     try:
         # Both have joined once each holds two of the four partitions.
         for _, log in procs:
-            wait_for(lambda log=log: log.find(r"assigned (\S+\[\d\](, )?){2}$"), 90,
-                     "an assignment of two partitions\n" + log.text())  # fmt: skip
+            wait_for(
+                lambda log=log: log.find(r"assigned (\S+\[\d\](, )?){2}$"),
+                90,
+                "an assignment of two partitions\n" + log.text(),
+            )
         frames = [png(image) for image in fashion_test[2400:2440]]
         from kafka import KafkaProducer
 
@@ -462,9 +497,12 @@ def test_sigkill_mid_stream_then_restart_loses_no_frame(
     proc, _ = _run_cli(kafka_broker, tiny_bundle, names, *options)
     try:
         consumer = KafkaConsumer(
-            names["scores"], bootstrap_servers=kafka_broker.bootstrap_servers,
-            auto_offset_reset="earliest", group_id=None, consumer_timeout_ms=60000,
-        )  # fmt: skip
+            names["scores"],
+            bootstrap_servers=kafka_broker.bootstrap_servers,
+            auto_offset_reset="earliest",
+            group_id=None,
+            consumer_timeout_ms=60000,
+        )
         for seen, _ in enumerate(consumer, 1):  # kill once a third of the stream was scored
             if seen >= n // 3:
                 break

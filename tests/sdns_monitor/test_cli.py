@@ -348,10 +348,21 @@ def test_run_without_a_reachable_broker_is_one_line_exit_1(tiny_bundle: Path) ->
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SDNS_METRICS_PORT": "off"}
     proc = subprocess.run(
-        [str(CONSOLE_SCRIPT), "run", "--topic", "frames", "--model", str(tiny_bundle),
-         "--bootstrap-servers", f"127.0.0.1:{free_port()}"],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
+        [
+            str(CONSOLE_SCRIPT),
+            "run",
+            "--topic",
+            "frames",
+            "--model",
+            str(tiny_bundle),
+            "--bootstrap-servers",
+            f"127.0.0.1:{free_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: no Kafka broker answered at 127.0.0.1:")

@@ -48,10 +48,14 @@ def _with_lowlevel(tiny_bundle: Path, out: Path, fashion: np.ndarray, default: s
 
     low_val = anomaly_scores(ReferenceIndex(bank), lowlevel_features(val, 16), 200, 0.04)
     spec = LowLevelSpec(
-        side=16, k=200, n_reference=300, sdns_mean=float(sdns_val.mean()),
-        sdns_std=float(sdns_val.std()), low_mean=float(low_val.mean()),
+        side=16,
+        k=200,
+        n_reference=300,
+        sdns_mean=float(sdns_val.mean()),
+        sdns_std=float(sdns_val.std()),
+        low_mean=float(low_val.mean()),
         low_std=float(low_val.std()),
-    )  # fmt: skip
+    )
     score = b.manifest.score.model_copy(update={"lowlevel": spec, "default": default})
     manifest = b.manifest.model_copy(update={"score": score, "files": {}})
     cal = fashion[300:600]

@@ -29,26 +29,50 @@ MODEL = ModelRef(hash="ab" * 32, name="cam1")
 
 def test_alert_json_has_the_contract_fields() -> None:
     alert = Alert(
-        source=SOURCE, score=7.5, p_value=0.001, alarm_rate=0.01, model=MODEL, detected_at_ms=9,
+        source=SOURCE,
+        score=7.5,
+        p_value=0.001,
+        alarm_rate=0.01,
+        model=MODEL,
+        detected_at_ms=9,
         incident=IncidentRef(id="cam1-9", opened_at_ms=9, frames=1, alerts=1),
-    )  # fmt: skip
+    )
     data = json.loads(alert.model_dump_json())
     assert data["schema_version"] == SCHEMA_VERSION and data["kind"] == "alert"
-    assert set(data) >= {"source", "score", "p_value", "alarm_rate", "threshold", "model",
-                         "detected_at_ms", "incident"}  # fmt: skip
+    assert set(data) >= {
+        "source",
+        "score",
+        "p_value",
+        "alarm_rate",
+        "threshold",
+        "model",
+        "detected_at_ms",
+        "incident",
+    }
     assert data["source"] == {
-        "topic": "frames", "partition": 2, "offset": 41, "frame_index": 0, "key": "cam1",
-        "key_encoding": "utf-8", "timestamp_ms": 5,
-    }  # fmt: skip
+        "topic": "frames",
+        "partition": 2,
+        "offset": 41,
+        "frame_index": 0,
+        "key": "cam1",
+        "key_encoding": "utf-8",
+        "timestamp_ms": 5,
+    }
     assert Alert.model_validate_json(alert.model_dump_json()) == alert
 
 
 def test_records_refuse_unknown_fields() -> None:
     with pytest.raises(ValidationError):
         ScoreRecord.model_validate(
-            {"source": SOURCE.model_dump(), "score": 1.0, "p_value": 0.5, "flagged": False,
-             "model": MODEL.model_dump(), "extra": 1}
-        )  # fmt: skip
+            {
+                "source": SOURCE.model_dump(),
+                "score": 1.0,
+                "p_value": 0.5,
+                "flagged": False,
+                "model": MODEL.model_dump(),
+                "extra": 1,
+            }
+        )
 
 
 def test_keys_are_utf8_or_lossless_base64() -> None:

@@ -86,8 +86,16 @@ def fitted(tmp_path_factory: pytest.TempPathFactory, fashion_test: np.ndarray) -
     a reference bank subset (bank_size), and the spec of its training data."""
     root = tmp_path_factory.mktemp("fitted")
     spec = _npz(root / "reference.npz", fashion_test[600:1200])
-    cfg = make_config("quick", steps_per_epoch=2, batch_size=32, aux=[], neg_source="id",
-                      width=4, bank_size=300, score_k=20)  # fmt: skip
+    cfg = make_config(
+        "quick",
+        steps_per_epoch=2,
+        batch_size=32,
+        aux=[],
+        neg_source="id",
+        width=4,
+        bank_size=300,
+        score_k=20,
+    )
     report = fit(spec, root / "fitted.sdns", cfg, device="cpu", log=lambda _m: None)
     assert report is not None
     return report.bundle, spec
@@ -142,9 +150,22 @@ def test_report_with_eval_and_frames_shows_the_evaluation_and_each_frame(
     Image.fromarray(noise[0, :, :, 0], mode="L").save(png)
     frames_spec = _npz(tmp_path / "frames.npz", np.concatenate([id_images[:3], noise[1:4]]))
 
-    page = _report("--model", str(tiny_bundle), "--out", str(tmp_path / "r.html"), "--eval",
-                   str(report_dir), "--frames", str(png), "--frames", frames_spec,
-                   "--max-frames", "5", "--neighbours", "4")  # fmt: skip
+    page = _report(
+        "--model",
+        str(tiny_bundle),
+        "--out",
+        str(tmp_path / "r.html"),
+        "--eval",
+        str(report_dir),
+        "--frames",
+        str(png),
+        "--frames",
+        frames_spec,
+        "--max-frames",
+        "5",
+        "--neighbours",
+        "4",
+    )
     _assert_self_contained(page)
 
     # The metrics table and the ROC curves hold the numbers of this eval.
@@ -195,8 +216,18 @@ def test_report_rebuilds_the_reference_images_of_a_fitted_bundle(
     np.testing.assert_allclose(det.features(bank).numpy(), bundle.features, atol=1e-4)
 
     frames = _npz(tmp_path / "frames.npz", fashion_test[2000:2003])
-    page = _report("--model", str(bundle_path), "--out", str(tmp_path / "r.html"), "--frames",
-                   frames, "--reference", reference_spec, "--neighbours", "3")  # fmt: skip
+    page = _report(
+        "--model",
+        str(bundle_path),
+        "--out",
+        str(tmp_path / "r.html"),
+        "--frames",
+        frames,
+        "--reference",
+        reference_spec,
+        "--neighbours",
+        "3",
+    )
     _assert_self_contained(page)
     thumbs = _alts(page, "thumb")
     assert len(thumbs) == 3 * (1 + 3)  # each frame and its three nearest references
@@ -244,8 +275,11 @@ def test_reference_of_other_data_is_refused(
 def test_reference_needs_a_fingerprint_and_frames(tiny_bundle: Path, tmp_path: Path) -> None:
     frames = _npz(tmp_path / "frames.npz", np.zeros((2, 16, 16, 1), np.uint8))
     args = ["--model", str(tiny_bundle), "--out", str(tmp_path / "r.html")]
-    _error([*args, "--frames", frames, "--reference", "fashion-mnist:test"], DataError,
-           "records no training-data fingerprint")  # fmt: skip
+    _error(
+        [*args, "--frames", frames, "--reference", "fashion-mnist:test"],
+        DataError,
+        "records no training-data fingerprint",
+    )
     _error([*args, "--reference", "fashion-mnist:test"], ConfigError, "give both")
 
 
@@ -253,8 +287,11 @@ def test_bad_frames_and_eval_directories_are_one_line_errors(
     tiny_bundle: Path, fitted: tuple[Path, str], tmp_path: Path, fashion_test: np.ndarray
 ) -> None:
     args = ["--model", str(tiny_bundle), "--out", str(tmp_path / "r.html")]
-    _error([*args, "--frames", str(tmp_path / "missing.png")], DataError,
-           "no such file, and not a dataset spec")  # fmt: skip
+    _error(
+        [*args, "--frames", str(tmp_path / "missing.png")],
+        DataError,
+        "no such file, and not a dataset spec",
+    )
     broken = tmp_path / "broken.png"
     broken.write_bytes(PNG_MAGIC + b"truncated")
     _error([*args, "--frames", str(broken)], FrameError, f"--frames {broken}: ")
@@ -267,8 +304,22 @@ def test_bad_frames_and_eval_directories_are_one_line_errors(
     spec = _npz(tmp_path / "id.npz", fashion_test[:30])
     ood = _npz(tmp_path / "ood.npz", fashion_test[30:60, ::-1])
     report_dir = tmp_path / "eval"
-    result = runner.invoke(app, ["eval", "--model", str(fitted[0]), "--id", spec, "--ood", ood,
-                                 "--report", str(report_dir), "--device", "cpu"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(fitted[0]),
+            "--id",
+            spec,
+            "--ood",
+            ood,
+            "--report",
+            str(report_dir),
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     _error([*args, "--eval", str(report_dir)], DataError, "was made with bundle fitted")
 
@@ -328,16 +379,40 @@ def test_the_page_renders_in_headless_chromium(
     result = runner.invoke(app, [*args, "--report", str(tmp_path / "eval"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     page = tmp_path / "report.html"
-    _report("--model", str(bundle_path), "--out", str(page), "--eval", str(tmp_path / "eval"),
-            "--frames", id_spec, "--frames", ood_spec, "--max-frames", "6",
-            "--reference", reference_spec)  # fmt: skip
+    _report(
+        "--model",
+        str(bundle_path),
+        "--out",
+        str(page),
+        "--eval",
+        str(tmp_path / "eval"),
+        "--frames",
+        id_spec,
+        "--frames",
+        ood_spec,
+        "--max-frames",
+        "6",
+        "--reference",
+        reference_spec,
+    )
     shot = tmp_path / "shot.png"
     proc = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
-         f"--screenshot={shot}", "--window-size=1280,4000", page.as_uri()],
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1280,4000",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
     with Image.open(shot) as image:
         pixels = np.asarray(image.convert("RGB")).astype(np.int16)

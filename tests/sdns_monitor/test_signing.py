@@ -124,9 +124,15 @@ def test_signature_by_another_key_names_both_keys(
 
 @pytest.mark.parametrize(
     "content",
-    [b"", b"not json", b'{"algorithm": "rsa", "signature": "AAAA"}', b'{"algorithm": "ed25519"}',
-     b'{"algorithm": "ed25519", "signature": "***"}', b"[1, 2]"],
-)  # fmt: skip
+    [
+        b"",
+        b"not json",
+        b'{"algorithm": "rsa", "signature": "AAAA"}',
+        b'{"algorithm": "ed25519"}',
+        b'{"algorithm": "ed25519", "signature": "***"}',
+        b"[1, 2]",
+    ],
+)
 def test_damaged_signature_file_is_refused(
     bundle: Path, keys: tuple[Path, Path], content: bytes
 ) -> None:
@@ -169,9 +175,11 @@ def test_run_settings_check_the_signing_options(tmp_path: Path, keys: tuple[Path
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sdns_monitor.cli", *args], capture_output=True, text=True,
+        [sys.executable, "-m", "sdns_monitor.cli", *args],
+        capture_output=True,
+        text=True,
         timeout=120,
-    )  # fmt: skip
+    )
 
 
 def test_cli_keygen_sign_info_round_trip(bundle: Path, tmp_path: Path) -> None:

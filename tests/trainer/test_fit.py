@@ -114,8 +114,16 @@ def test_fit_on_non_square_colour_images_writes_a_loadable_bundle(tmp_path: Path
 def test_fit_with_an_approximate_index_records_its_quality(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "r.npz", images=rng.integers(0, 256, (600, 12, 12, 1), dtype=np.uint8))
-    cfg = make_config("quick", steps_per_epoch=2, batch_size=32, aux=[], neg_source="id",
-                      width=4, index_factory="IVF8,Flat", score_k=20)  # fmt: skip
+    cfg = make_config(
+        "quick",
+        steps_per_epoch=2,
+        batch_size=32,
+        aux=[],
+        neg_source="id",
+        width=4,
+        index_factory="IVF8,Flat",
+        score_k=20,
+    )
     report = fit(f"npz:{tmp_path / 'r.npz'}", tmp_path / "m.sdns", cfg, log=lambda _m: None)
     assert report is not None
     quality = load_bundle(report.bundle).manifest.score.index_quality

@@ -64,9 +64,18 @@ def test_bad_specs_say_what_is_wrong(text: str, match: str) -> None:
 
 def test_known_names_and_usage_cover_every_dataset() -> None:
     assert set(KNOWN) == {
-        "mnist", "fashion-mnist", "animals", "textures", "photos",
-        "folder", "npz", "cifar10", "cifar100", "svhn", "kafka",
-    }  # fmt: skip
+        "mnist",
+        "fashion-mnist",
+        "animals",
+        "textures",
+        "photos",
+        "folder",
+        "npz",
+        "cifar10",
+        "cifar100",
+        "svhn",
+        "kafka",
+    }
     line = usage()
     assert all(name in line for name in KNOWN)
     assert "\n" not in line
