@@ -19,7 +19,6 @@ import kubernetes_validate
 import pytest
 import typer
 import yaml
-from settings_probe import env_read_by_the_loader
 from typer.testing import CliRunner
 
 import sdns_monitor.settings as settings_module
@@ -27,6 +26,7 @@ from sdns_monitor.cli import app
 from sdns_monitor.errors import ConfigError
 from sdns_monitor.metrics import HealthServer, Metrics
 from sdns_monitor.settings import RunSettings, load_settings
+from tests.settings_probe import env_read_by_the_loader
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 K8S = DEPLOY / "kubernetes"

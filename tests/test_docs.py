@@ -20,7 +20,6 @@ import pytest
 import typer
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
-from settings_probe import env_read_by_the_loader
 
 import sdns_monitor
 import sdns_monitor.bundle as bundle
@@ -30,6 +29,7 @@ from sdns_monitor.data.spec import USAGE
 from sdns_monitor.errors import ConfigError
 from sdns_monitor.metrics import Metrics
 from sdns_monitor.settings import KafkaSecurity, RunSettings, load_settings
+from tests.settings_probe import env_read_by_the_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

@@ -23,17 +23,6 @@ from typing import Any
 import numpy as np
 import pytest
 from kafka import KafkaProducer
-from kafka_helpers import (
-    LineReader,
-    http_get,
-    noise,
-    png,
-    read_all,
-    read_json,
-    run_settings,
-    topics,
-    wait_for,
-)
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -45,6 +34,17 @@ from sdns_monitor.detector import Detector
 from sdns_monitor.errors import DataError
 from sdns_monitor.frames import decode_bytes
 from sdns_monitor.stream import StreamMonitor
+from tests.integration.kafka_helpers import (
+    LineReader,
+    http_get,
+    noise,
+    png,
+    read_all,
+    read_json,
+    run_settings,
+    topics,
+    wait_for,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from kafka import KafkaProducer
-from kafka_helpers import TANSU_ENV, noise, png, read_all, topics
 
 from sdns_monitor.broker import Broker
+from tests.integration.kafka_helpers import TANSU_ENV, noise, png, read_all, topics
 
 
 def _start(

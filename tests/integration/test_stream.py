@@ -13,11 +13,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from kafka import KafkaProducer
-from kafka_helpers import TANSU_ENV, noise, png, produce, read_all, read_json, run_settings, topics
 
 from sdns_monitor.broker import Broker
 from sdns_monitor.detector import Detector
 from sdns_monitor.stream import StreamMonitor
+from tests.integration.kafka_helpers import (
+    TANSU_ENV,
+    noise,
+    png,
+    produce,
+    read_all,
+    read_json,
+    run_settings,
+    topics,
+)
 
 
 @pytest.mark.integration

@@ -19,7 +19,12 @@ import numpy as np
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
-from kafka_helpers import (
+
+from sdns_monitor.broker import Broker, start_broker
+from sdns_monitor.detector import Detector
+from sdns_monitor.settings import load_settings
+from sdns_monitor.stream import StreamMonitor
+from tests.integration.kafka_helpers import (
     TANSU_ENV,
     LineReader,
     http_get,
@@ -34,11 +39,6 @@ from kafka_helpers import (
     topics,
     wait_for,
 )
-
-from sdns_monitor.broker import Broker, start_broker
-from sdns_monitor.detector import Detector
-from sdns_monitor.settings import load_settings
-from sdns_monitor.stream import StreamMonitor
 
 
 def _committed(broker: Broker, group: str, topic: str) -> int | None:
