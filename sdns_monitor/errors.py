@@ -32,6 +32,14 @@ class TrainingError(SdnsError):
     """Training cannot go on (a non-finite loss, ...)."""
 
 
+class OutputError(SdnsError):
+    """`run`'s alerts, scores or dead letters could not be delivered; nothing was committed."""
+
+
+class BrokerUnreachable(SdnsError):
+    """No Kafka broker answered when `run` started."""
+
+
 class MissingExtraError(SdnsError):
     """An optional component (TensorRT, GPU FAISS, ...) was asked for but is not installed."""
 

@@ -100,6 +100,16 @@ def encode_key(key: bytes | None) -> tuple[str | None, Literal["utf-8", "base64"
         return base64.b64encode(key).decode("ascii"), "base64"
 
 
+def decode_key(key: str, encoding: str | None) -> bytes:
+    """The message key as it came, from `encode_key`'s text (the inverse of `encode_key`)."""
+    return base64.b64decode(key) if encoding == "base64" else key.encode("utf-8")
+
+
+def to_json(record: BaseModel) -> bytes:
+    """A record as the bytes of a Kafka message value."""
+    return record.model_dump_json().encode()
+
+
 def dead_letter_headers(
     original: list[tuple[str, bytes]] | None,
     error: BaseException,

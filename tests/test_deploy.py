@@ -24,8 +24,8 @@ from typer.testing import CliRunner
 import sdns_monitor.settings as settings_module
 from sdns_monitor.cli import app
 from sdns_monitor.errors import ConfigError
-from sdns_monitor.metrics import HealthServer, Metrics
 from sdns_monitor.settings import RunSettings, load_settings
+from sdns_monitor.stream.prometheus import HealthServer, Metrics
 from tests.settings_probe import env_read_by_the_loader
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"

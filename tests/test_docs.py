@@ -27,8 +27,8 @@ import sdns_monitor.records as records
 from sdns_monitor.cli import app
 from sdns_monitor.data.spec import USAGE
 from sdns_monitor.errors import ConfigError
-from sdns_monitor.metrics import Metrics
 from sdns_monitor.settings import KafkaSecurity, RunSettings, load_settings
+from sdns_monitor.stream.prometheus import Metrics
 from tests.settings_probe import env_read_by_the_loader
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -401,7 +401,7 @@ def test_the_pipeline_never_holds_more_than_queue_batches(
 
     def sample() -> None:
         while not sampler_stop.is_set():
-            seen.append(len(monitor._inflight))
+            seen.append(len(monitor.inflight))
             time.sleep(0.001)
 
     sampler = threading.Thread(target=sample)

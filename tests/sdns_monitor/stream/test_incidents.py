@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sdns_monitor.incidents import IncidentTracker
+from sdns_monitor.stream.incidents import IncidentTracker
 
 
 def test_a_stuck_camera_makes_one_incident_with_cooldown_bounded_alerts() -> None:

@@ -8,8 +8,8 @@ import pytest
 
 from sdns_monitor.detector import Detector
 from sdns_monitor.errors import ConfigError
-from sdns_monitor.routing import Models
 from sdns_monitor.settings import Route, load_settings
+from sdns_monitor.stream.routing import Models
 
 
 def _settings_with(tmp_path: Path, text: str) -> object:

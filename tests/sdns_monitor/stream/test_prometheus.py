@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 from sdns_monitor.errors import ConfigError
-from sdns_monitor.metrics import HealthServer, Metrics
+from sdns_monitor.stream.prometheus import HealthServer, Metrics
 
 
 def test_images_per_second_is_measured_over_a_sliding_window() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from sdns_monitor.stream import ClientLogThrottle
+from sdns_monitor.stream.logs import ClientLogThrottle
 
 
 def _record(name: str, message: str) -> logging.LogRecord:

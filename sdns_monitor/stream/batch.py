@@ -1,0 +1,139 @@
+"""Micro-batches on their way through `run`, and decoding their messages into frames.
+
+No Kafka here: a message is anything with kafka-python's `ConsumerRecord` fields (topic,
+partition, offset, timestamp, key, value, headers), and a record future anything with its
+`FutureRecordMetadata` interface (`is_done`, `failed()`, `exception`), so fakes serve in tests.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections import Counter as Tally
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sdns_monitor.detector import Detector
+from sdns_monitor.errors import FrameError
+from sdns_monitor.frames import decode_bytes
+from sdns_monitor.records import Alert, Source, encode_key
+from sdns_monitor.stream.routing import Models
+
+
+@dataclass
+class Frame:
+    source: Source
+    key: bytes | None  # the message key as it came: outputs are keyed by it
+    image: np.ndarray  # uint8 1 x S x S x C, prepared for the encoder
+    detector: Detector  # the model of its key (routing)
+
+
+@dataclass
+class Undecodable:
+    message: Any
+    error: FrameError
+    source: Source
+
+
+@dataclass
+class Decoded:
+    frames: list[Frame] = field(default_factory=list)
+    undecodable: list[Undecodable] = field(default_factory=list)
+
+
+@dataclass
+class Batch:
+    """One micro-batch and what it did. Stats, metrics and callbacks see it only once every
+    record it caused was acknowledged (`delivered()`), so a retried batch counts once."""
+
+    messages: list[Any]
+    models: Models | None  # the models that prepare and score it, fixed when it was consumed
+    generation: int  # batches of an older generation were abandoned after a failure
+    started: float = field(default_factory=time.monotonic)
+    decoded: concurrent.futures.Future[Decoded] | None = None
+    scored: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None  # raised while scoring (OutputError or a bug)
+    snapshot: Any = None  # the scorer's incident state before this batch
+    futures: list[Any] = field(default_factory=list)  # one per record sent
+    messages_by_topic: Tally[str] = field(default_factory=Tally)
+    frames: Tally[str] = field(default_factory=Tally)
+    flagged: Tally[str] = field(default_factory=Tally)
+    alerts: list[Alert] = field(default_factory=list)
+    dead_letters: Tally[str] = field(default_factory=Tally)  # per error class
+    incidents_closed: int = 0
+    closed_ids: list[str] = field(default_factory=list)
+
+    @classmethod
+    def decoded_already(
+        cls, messages: list[Any], models: Models | None, generation: int, decoded: Decoded
+    ) -> Batch:
+        """A batch decoded on the calling thread (no decoder pool)."""
+        batch = cls(messages, models, generation)
+        batch.decoded = concurrent.futures.Future()
+        batch.decoded.set_result(decoded)
+        return batch
+
+    def delivered(self) -> bool | None:
+        """True when every record was acknowledged, False when one failed, None if pending."""
+        if not self.scored.is_set():
+            return None
+        if self.error is not None or any(f.failed() for f in self.futures):
+            return False
+        return True if all(f.is_done for f in self.futures) else None
+
+    def failure(self) -> str:
+        if self.error is not None:
+            return str(self.error)
+        failed = [f for f in self.futures if f.failed()]
+        return (
+            f"{len(failed)} of {len(self.futures)} records were not delivered "
+            f"({failed[0].exception})"
+        )
+
+    def message_at(self, source: Source) -> Any:
+        """The message a frame came from."""
+        where = (source.topic, source.partition, source.offset)
+        return next(m for m in self.messages if (m.topic, m.partition, m.offset) == where)
+
+
+def decode_messages(messages: list[Any], models: Models, max_frame_bytes: int) -> Decoded:
+    """On a decoder thread: frames prepared for the model of their key, and the messages that
+    cannot be decoded (they become dead letters)."""
+    out = Decoded()
+    for m in messages:
+        key, key_encoding = encode_key(m.key)
+        base = dict(
+            topic=m.topic,
+            partition=m.partition,
+            offset=m.offset,
+            key=key,
+            key_encoding=key_encoding,
+            timestamp_ms=m.timestamp,
+        )
+        detector = models.for_key(m.key)
+        try:
+            images = detector.prepare(decode_value(m, max_frame_bytes))
+        except FrameError as exc:
+            out.undecodable.append(Undecodable(m, exc, Source(**base)))
+            continue
+        for i in range(images.shape[0]):
+            source = Source(**base, frame_index=i)
+            out.frames.append(Frame(source, m.key, images[i : i + 1], detector))
+    return out
+
+
+def decode_value(message: Any, max_frame_bytes: int) -> np.ndarray:
+    """A message value as an image array (or a batch of them); FrameError says why not."""
+    value = message.value
+    if value is None or len(value) == 0:
+        raise FrameError("empty message value: send encoded image bytes or an .npy array")
+    if len(value) > max_frame_bytes:
+        raise FrameError(
+            f"message of {len(value)} bytes exceeds --max-frame-bytes {max_frame_bytes}"
+        )
+    headers = dict(message.headers or [])
+    content_type = headers.get("content-type")
+    return decode_bytes(value, content_type.decode("latin-1") if content_type else None)

@@ -1,0 +1,263 @@
+"""The scorer thread of `run`: scores decoded batches in order and sends their records (scores,
+alerts, incident closings, dead letters).
+
+It owns the incident state and the generation under one lock. When the loop abandons the
+batches in flight after a delivery failure (`abandon`), the generation moves on, so batches
+still queued are skipped, and the incident state is rolled back to before the failed batch:
+the retried batch sends the alerts the failed one could not.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from kafka.errors import KafkaError
+
+from sdns_monitor.errors import FrameError, OutputError
+from sdns_monitor.records import (
+    Alert,
+    ModelRef,
+    ScoreRecord,
+    Source,
+    dead_letter_headers,
+    decode_key,
+    to_json,
+)
+from sdns_monitor.settings import RunSettings
+from sdns_monitor.stream.batch import Batch, Decoded, Frame
+from sdns_monitor.stream.incidents import IncidentTracker
+from sdns_monitor.stream.logs import Throttle
+
+log = logging.getLogger("sdns_monitor.stream")
+
+IDLE_S = 0.5  # an idle scorer looks for quiet incidents to close this often
+
+
+class Scorer:
+    """Scores batches handed over by `submit` on its own thread (`start`), or one batch at a
+    time with `process`."""
+
+    def __init__(
+        self,
+        settings: RunSettings,
+        on_delivered: Callable[[Batch], None],
+        outputs_ok: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.settings = settings
+        self.incidents = IncidentTracker(settings.incident_window_s, settings.incident_cooldown_s)
+        self.generation = 0  # read by the loop when it makes a batch; written under _lock
+        self._on_delivered = on_delivered  # stats of a batch delivered by `process`
+        self._outputs_ok = outputs_ok
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[Batch | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._log_throttle = Throttle(10.0)
+
+    # ------------------------------------------------------------------ the thread
+    def start(self, producer: Callable[[], Any]) -> None:
+        """Score on a thread; `producer` gives the producer in use (it is renewed)."""
+        self._thread = threading.Thread(
+            target=self._run, args=(producer,), name="sdns-score", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, batch: Batch) -> None:
+        self._queue.put(batch)
+
+    def close(self, timeout: float = 60) -> None:
+        """Finish the batches queued, then stop."""
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self, producer: Callable[[], Any]) -> None:
+        while True:
+            try:
+                batch = self._queue.get(timeout=IDLE_S)
+            except queue.Empty:
+                if self.incidents.open_count and self._outputs_ok():
+                    self._close_quiet_incidents(producer())
+                continue
+            if batch is None:
+                return
+            with self._lock:
+                if batch.generation != self.generation:
+                    batch.error = OutputError("abandoned after an earlier batch failed")
+                else:
+                    self.score_batch(batch, producer())
+            batch.scored.set()
+
+    def abandon(self, failed: Batch) -> None:
+        """Skip the batches queued and roll the incident state back to before `failed`."""
+        with self._lock:
+            self.generation += 1
+            if failed.snapshot is not None:
+                self.incidents.restore(failed.snapshot)
+
+    # ------------------------------------------------------------------ one batch
+    def process(self, batch: Batch, producer: Any) -> None:
+        """Score one decoded batch synchronously and deliver every record it causes
+        (acknowledged), or raise OutputError having changed nothing but the broker's topics."""
+        with self._lock:
+            self.score_batch(batch, producer)
+        producer.flush()
+        batch.scored.set()
+        if not batch.delivered():
+            if batch.snapshot is not None:
+                with self._lock:
+                    self.incidents.restore(batch.snapshot)
+            if isinstance(batch.error, OutputError) or batch.error is None:
+                raise OutputError(batch.failure())
+            raise batch.error
+        self._on_delivered(batch)
+
+    def score_batch(self, batch: Batch, producer: Any) -> None:
+        """Dead-letter the undecodable messages, score the frames, close quiet incidents; a
+        failure is left in `batch.error` (an OutputError, or a bug that stops the loop)."""
+        batch.snapshot = self.incidents.snapshot()
+        try:
+            assert batch.decoded is not None
+            decoded = batch.decoded.result()
+            for m in batch.messages:
+                batch.messages_by_topic[m.topic] += 1
+            for bad in decoded.undecodable:
+                batch.futures.append(
+                    self._dead_letter(producer, bad.message, bad.error, bad.source)
+                )
+                batch.dead_letters[type(bad.error).__name__] += 1
+            if decoded.frames:
+                self._score(decoded.frames, batch, producer)
+            self._close_incidents(producer, batch)
+        except KafkaError as exc:  # raised by send() itself: e.g. no metadata for a topic
+            batch.error = OutputError(f"{type(exc).__name__}: {exc}")
+        except BaseException as exc:  # a bug: surfaced by the loop, which stops
+            batch.error = exc
+            log.exception("scoring a batch failed")
+
+    def _score(self, frames: list[Frame], batch: Batch, producer: Any) -> None:
+        """Score the frames model by model; send their records in offset order."""
+        s = self.settings
+        verdicts: dict[int, tuple[float, float, bool, float | None, float | None]] = {}
+        for detector in {id(f.detector): f.detector for f in frames}.values():
+            mine = [f for f in frames if f.detector is detector]
+            try:
+                scores = detector.anomaly_scores(np.concatenate([f.image for f in mine]))
+            except Exception:
+                mine, scores = self._score_one_by_one(mine, batch, producer)
+                if not mine:
+                    continue
+            result = detector.result(scores, alarm_rate=s.alarm_rate, threshold=s.threshold)
+            for i, frame in enumerate(mine):
+                verdicts[id(frame)] = (
+                    float(result.scores[i]),
+                    float(result.p_values[i]),
+                    bool(result.flags[i]),
+                    result.alarm_rate,
+                    result.threshold,
+                )
+        now_ms = int(time.time() * 1000)
+        for frame in frames:
+            if id(frame) not in verdicts:  # dead-lettered by _score_one_by_one
+                continue
+            score, p_value, flagged, alarm_rate, threshold = verdicts[id(frame)]
+            model = ModelRef(hash=frame.detector.hash, name=frame.detector.name)
+            topic = frame.source.topic
+            batch.frames[topic] += 1
+            if s.scores_topic:
+                record = ScoreRecord(
+                    source=frame.source, score=score, p_value=p_value, flagged=flagged, model=model
+                )
+                batch.futures.append(
+                    producer.send(s.scores_topic, key=frame.key, value=to_json(record))
+                )
+            if not flagged:
+                continue
+            batch.flagged[topic] += 1
+            incident, send = self.incidents.flagged(
+                frame.source.key, frame.source.key_encoding, now_ms
+            )
+            if not send:
+                continue
+            alert = Alert(
+                source=frame.source,
+                score=score,
+                p_value=p_value,
+                alarm_rate=alarm_rate,
+                threshold=threshold,
+                model=model,
+                detected_at_ms=now_ms,
+                incident=incident,
+            )
+            batch.alerts.append(alert)
+            batch.futures.append(producer.send(s.alert_topic, key=frame.key, value=to_json(alert)))
+
+    def _score_one_by_one(
+        self, frames: list[Frame], batch: Batch, producer: Any
+    ) -> tuple[list[Frame], np.ndarray]:
+        """The batch could not be scored: score frame by frame and dead-letter the frames that
+        fail, so that one frame never stops the stream."""
+        kept, scores = [], []
+        for frame in frames:
+            try:
+                scores.append(frame.detector.anomaly_scores(frame.image)[0])
+                kept.append(frame)
+            except Exception as exc:
+                where = frame.source
+                log.exception(
+                    "scoring failed for %s[%d]@%d", where.topic, where.partition, where.offset
+                )
+                error = FrameError(f"scoring failed: {type(exc).__name__}: {exc}")
+                message = batch.message_at(frame.source)
+                batch.futures.append(self._dead_letter(producer, message, error, frame.source))
+                batch.dead_letters["ScoringError"] += 1
+        return kept, np.asarray(scores, dtype=np.float64)
+
+    def _dead_letter(self, producer: Any, message: Any, exc: BaseException, source: Source) -> Any:
+        kind = str(exc).split(":")[0][:60]  # the reason, e.g. "empty message value"
+        if self._log_throttle.ready(kind):
+            suppressed = self._log_throttle.take_suppressed(kind)
+            more = f" (and {suppressed} more like it)" if suppressed else ""
+            log.warning(
+                "dead letter %s[%d]@%d: %s%s",
+                source.topic,
+                source.partition,
+                source.offset,
+                exc,
+                more,
+            )
+        value = message.value
+        if value is not None and len(value) > self.settings.max_frame_bytes:
+            value = None  # too large for the producer: the headers still say where it was
+        return producer.send(
+            self.settings.dlq_topic,
+            key=message.key,
+            value=value,
+            headers=dead_letter_headers(list(message.headers or []), exc, source),
+        )
+
+    def _close_incidents(self, producer: Any, batch: Batch) -> None:
+        """Send a closing record for every incident whose key has been quiet for a window."""
+        for closed in self.incidents.expire(int(time.time() * 1000)):
+            batch.incidents_closed += 1
+            batch.closed_ids.append(f"{closed.incident_id} ({closed.frames} flagged frames)")
+            key = None if closed.key is None else decode_key(closed.key, closed.key_encoding)
+            batch.futures.append(
+                producer.send(self.settings.alert_topic, key=key, value=to_json(closed))
+            )
+
+    def _close_quiet_incidents(self, producer: Any) -> None:
+        """On an idle stream: close quiet incidents (retried next time if their records are not
+        delivered)."""
+        try:
+            self.process(Batch.decoded_already([], None, self.generation, Decoded()), producer)
+        except OutputError as exc:
+            log.error("%s; will try again", exc)

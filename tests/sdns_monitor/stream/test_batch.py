@@ -1,0 +1,62 @@
+"""Decoding messages into frames, and when a batch counts as delivered (no Kafka)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from sdns_monitor.stream.batch import Batch, decode_messages
+from tests.sdns_monitor.stream.fakes import Future, Message, models, png
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def test_frames_keep_where_they_came_from_and_bad_messages_say_why() -> None:
+    stack = np.zeros((3, 4, 4, 1), np.uint8)
+    messages = [
+        Message("frames", 0, 10, png(200), key=b"cam-1"),
+        Message("frames", 0, 11, b"", key=b"cam-2"),
+        Message("frames", 1, 12, _npy(stack), key=b"\xff\xfe"),  # a key that is not UTF-8
+        Message("frames", 1, 13, b"x" * 1001, key=None),
+    ]
+    decoded = decode_messages(messages, models(), max_frame_bytes=1000)
+    assert [(f.source.offset, f.source.frame_index) for f in decoded.frames] == [
+        (10, 0),
+        (12, 0),
+        (12, 1),
+        (12, 2),
+    ]
+    first = decoded.frames[0]
+    assert first.image.shape == (1, 4, 4, 1) and first.image.mean() == 200
+    assert first.key == b"cam-1" and first.source.key == "cam-1"
+    assert decoded.frames[1].source.key_encoding == "base64"
+    assert decoded.frames[1].key == b"\xff\xfe"  # outputs are keyed by the key as it came
+    reasons = {bad.source.offset: str(bad.error) for bad in decoded.undecodable}
+    assert reasons[11].startswith("empty message value")
+    assert reasons[13] == "message of 1001 bytes exceeds --max-frame-bytes 1000"
+
+
+def test_the_content_type_header_is_named_when_the_bytes_are_no_image() -> None:
+    message = Message("frames", 0, 0, b"hello", headers=[("content-type", b"image/jpeg")])
+    (bad,) = decode_messages([message], models(), max_frame_bytes=1 << 20).undecodable
+    assert "content-type says 'image/jpeg'" in str(bad.error)
+
+
+def test_a_batch_is_delivered_once_scored_and_every_record_acknowledged() -> None:
+    batch = Batch([Message("frames", 0, 0, b"x")], models=None, generation=0)
+    first, second = Future(), Future()
+    batch.futures += [first, second]
+    assert batch.delivered() is None  # not scored yet
+    batch.scored.set()
+    first.succeed()
+    assert batch.delivered() is None  # a record still pending
+    second.succeed()
+    assert batch.delivered() is True
+    second.fail("too large")
+    assert batch.delivered() is False
+    assert batch.failure() == "1 of 2 records were not delivered (KafkaError: too large)"

@@ -1,0 +1,130 @@
+"""The scorer with a fake producer and model: records, dead letters, incidents, generations."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from kafka.errors import KafkaTimeoutError
+
+from sdns_monitor.errors import OutputError
+from sdns_monitor.stream.batch import Batch
+from sdns_monitor.stream.scorer import Scorer
+from tests.sdns_monitor.stream.fakes import Detector, Message, Producer, batch, png, settings
+
+DARK, BRIGHT = 20, 250  # scores 0.08 (p = 0.92) and 0.98 (p = 0.02 < 0.05: flagged)
+
+
+def _scorer(**overrides: object) -> tuple[Scorer, list[Batch]]:
+    delivered: list[Batch] = []
+    return Scorer(settings(**overrides), delivered.append), delivered
+
+
+def test_frames_become_score_records_in_offset_order_and_flagged_ones_alerts() -> None:
+    scorer, _ = _scorer()
+    producer = Producer()
+    b = batch([Message("frames", 0, i, png(BRIGHT if i == 2 else DARK)) for i in range(4)])
+    scorer.score_batch(b, producer)
+    assert b.error is None
+    assert [json.loads(s.value)["source"]["offset"] for s in producer.to("scores")] == [0, 1, 2, 3]
+    (alert,) = producer.to("sdns-alerts")
+    body = json.loads(alert.value)
+    assert alert.key == b"cam-1" and body["source"]["offset"] == 2 and body["p_value"] < 0.05
+    assert b.frames["frames"] == 4 and b.flagged["frames"] == 1 and len(b.alerts) == 1
+
+
+def test_undecodable_messages_become_dead_letters_with_their_headers() -> None:
+    scorer, _ = _scorer()
+    producer = Producer()
+    bad = Message("frames", 3, 9, b"not an image", headers=[("trace", b"abc")])
+    b = batch([bad, Message("frames", 3, 10, png(DARK))])
+    scorer.score_batch(b, producer)
+    (dead,) = producer.to("sdns-dead-letters")
+    headers = dict(dead.headers or [])
+    assert dead.value == b"not an image" and headers["trace"] == b"abc"
+    assert headers["sdns-source-offset"] == b"9" and headers["sdns-source-partition"] == b"3"
+    assert b.dead_letters == {"FrameError": 1} and b.frames["frames"] == 1
+
+
+def test_a_frame_the_model_cannot_score_is_dead_lettered_and_the_rest_scored() -> None:
+    scorer, _ = _scorer()
+    producer = Producer()
+    model = Detector(fail_on=BRIGHT / 255)
+    b = batch(
+        [Message("frames", 0, i, png(BRIGHT if i == 1 else DARK)) for i in range(3)], detector=model
+    )
+    scorer.score_batch(b, producer)
+    (dead,) = producer.to("sdns-dead-letters")
+    assert dict(dead.headers or [])["sdns-error"].startswith(b"scoring failed: RuntimeError")
+    assert [json.loads(s.value)["source"]["offset"] for s in producer.to("scores")] == [0, 2]
+    assert b.dead_letters == {"ScoringError": 1}
+
+
+def test_a_send_that_raises_fails_the_batch_as_an_output_error() -> None:
+    scorer, _ = _scorer()
+    producer = Producer()
+    producer.raise_on_send = KafkaTimeoutError("no metadata for topic scores")
+    b = batch([Message("frames", 0, 0, png(DARK))])
+    scorer.score_batch(b, producer)
+    assert isinstance(b.error, OutputError) and "KafkaTimeoutError" in str(b.error)
+
+
+def test_abandon_rolls_the_incident_back_so_the_retry_alerts_again() -> None:
+    scorer, _ = _scorer()
+    producer = Producer()
+    messages = [Message("frames", 0, 0, png(BRIGHT))]
+    failed = batch(messages)
+    scorer.score_batch(failed, producer)
+    assert len(failed.alerts) == 1 and scorer.incidents.open_count == 1
+    scorer.abandon(failed)  # its alert was never acknowledged
+    assert scorer.incidents.open_count == 0
+    retried = batch(messages, generation=scorer.generation)
+    scorer.score_batch(retried, producer)
+    assert len(retried.alerts) == 1  # a new incident's first alert, not a silent extension
+
+
+def test_batches_queued_before_an_abandon_are_skipped_not_scored() -> None:
+    scorer, _ = _scorer()
+    producer = Producer()
+    stale = batch([Message("frames", 0, 0, png(DARK))], generation=0)
+    scorer.abandon(stale)
+    current = batch([Message("frames", 0, 0, png(DARK))], generation=scorer.generation)
+    scorer.start(lambda: producer)
+    scorer.submit(stale)
+    scorer.submit(current)
+    scorer.close()
+    assert stale.scored.is_set() and isinstance(stale.error, OutputError)
+    assert "abandoned" in str(stale.error)
+    assert current.delivered() is True
+    assert len(producer.to("scores")) == 1  # only the current batch sent anything
+
+
+def test_process_delivers_and_counts_or_raises_and_changes_nothing() -> None:
+    scorer, delivered = _scorer()
+    ok = batch([Message("frames", 0, 0, png(BRIGHT))])
+    scorer.process(ok, Producer())
+    assert delivered == [ok]
+    refused = batch([Message("frames", 0, 1, png(BRIGHT))])
+    other, _ = _scorer()
+    with pytest.raises(OutputError, match="records were not delivered"):
+        other.process(refused, Producer(refuse={"sdns-alerts"}))
+    assert other.incidents.open_count == 0  # rolled back: the retry opens it again
+
+
+def test_an_idle_scorer_closes_quiet_incidents() -> None:
+    scorer, delivered = _scorer(incident_window_s=0.05)
+    producer = Producer()
+    scorer.process(batch([Message("frames", 0, 0, png(BRIGHT))]), producer)
+    scorer.start(lambda: producer)
+    closed = threading.Event()
+    for _ in range(40):
+        if producer.to("sdns-alerts")[1:]:
+            closed.set()
+            break
+        threading.Event().wait(0.05)
+    scorer.close()
+    assert closed.is_set()
+    closing = json.loads(producer.to("sdns-alerts")[1].value)
+    assert closing["incident_id"].startswith("cam-1@") and closing["frames"] == 1
+    assert sum(b.incidents_closed for b in delivered) == 1
