@@ -77,7 +77,7 @@ class TrainConfig(BaseModel):
     bank_size: int | None = Field(None, ge=1)  # None: every training image
     score_temperature: float = Field(0.04, gt=0)
     # Top-k of the kernel score: a number, "all" (exact sum over the bank), or None to choose
-    # on validation data (trainer.fit.choose_k).
+    # on validation data (trainer.selection.choose_k).
     score_k: Annotated[int, Field(ge=1)] | Literal["all"] | None = None
     index_factory: str = "Flat"
     # The combined score (sdns_monitor.lowlevel): a bank of compact pixel features beside the
