@@ -2,7 +2,7 @@
 
 Made for a GPU machine whose image has torch but neither faiss, TensorRT, kafka-python nor
 pydantic (../shared/ENVIRONMENT.md): it imports torch alone, and loads this repository's
-backbones from sdns_monitor/backbones.py by path (with stand-ins for the two names that file
+backbones from sdns_monitor/networks.py by path (with stand-ins for the two names that file
 imports from pydantic and sdns_monitor.errors when those are not installed).
 
 For cnn-small (28 px), resnet18-cifar (32 px) and vit-small/16 (224 px, the paper's encoder) at
@@ -32,12 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_S = 330.0  # leave time to print inside a 6-minute slot
 
 
-def load_backbones() -> types.ModuleType:
-    """sdns_monitor/backbones.py, without importing the package (it needs faiss, pydantic)."""
+def load_networks() -> types.ModuleType:
+    """sdns_monitor/networks.py, without importing the package (it needs faiss, pydantic)."""
     if importlib.util.find_spec("pydantic") is None:
         stub = types.ModuleType("pydantic")
 
-        class BaseModel:  # only what backbones.py touches at import time
+        class BaseModel:  # only what networks.py touches at import time
             pass
 
         stub.BaseModel = BaseModel  # type: ignore[attr-defined]
@@ -50,7 +50,7 @@ def load_backbones() -> types.ModuleType:
         sys.modules.setdefault("sdns_monitor", types.ModuleType("sdns_monitor"))
         sys.modules["sdns_monitor.errors"] = errors
     spec = importlib.util.spec_from_file_location(
-        "_backbones", ROOT / "sdns_monitor" / "backbones.py"
+        "_networks", ROOT / "sdns_monitor" / "networks.py"
     )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -86,7 +86,7 @@ def main() -> None:
     dev = torch.device("cuda" if cuda else "cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in the reference
-    bb = load_backbones()
+    bb = load_networks()
     models = {
         "cnn-small 28px": (bb.SmallCNN(1, 16), (1, 28), [1, 256, 4096]),
         "resnet18-cifar 32px": (bb.CifarResNet18(3), (3, 32), [1, 256, 2048]),

@@ -48,7 +48,7 @@ from sdns_monitor.data import load_dataset
 from sdns_monitor.detector import Detector
 from sdns_monitor.evaluation import ood_metrics
 from sdns_monitor.frames import decode_bytes
-from sdns_monitor.index import ReferenceIndex, anomaly_scores
+from sdns_monitor.index import ReferenceIndex
 from sdns_monitor.lowlevel import lowlevel_features
 
 BATCH = 64
@@ -78,10 +78,10 @@ def scorer_vs_parts(det: Detector, frames: np.ndarray) -> dict[str, float]:
     low = det.manifest.score.lowlevel
 
     def search() -> None:
-        anomaly_scores(det.index, feats, det.k, det.temperature)
+        det.index.kernel_scores(feats, det.k, det.temperature)
         if low is not None and det.low_index is not None:
-            anomaly_scores(
-                det.low_index, lowlevel_features(prepared, low.side), low.k, low.temperature
+            det.low_index.kernel_scores(
+                lowlevel_features(prepared, low.side), low.k, low.temperature
             )
 
     parts = {
@@ -351,8 +351,8 @@ def approximate_quality(
     out = []
     for kind in ("Flat", "IVF", "HNSW"):
         index = ReferenceIndex(bank, _factory(kind, len(bank)))
-        a = anomaly_scores(index, id_feats, det.k, det.temperature)
-        b = anomaly_scores(index, ood_feats, det.k, det.temperature)
+        a = index.kernel_scores(id_feats, det.k, det.temperature)
+        b = index.kernel_scores(ood_feats, det.k, det.temperature)
         out.append({"index": _factory(kind, len(bank)), "auroc": ood_metrics(a, b).auroc})
     exact = out[0]["auroc"]
     for row in out:

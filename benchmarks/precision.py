@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from sdns_monitor.backbones import BackboneConfig
+from sdns_monitor.networks import BackboneConfig
 from trainer.config import make_config
 from trainer.loop import Trainer
 

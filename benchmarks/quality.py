@@ -54,13 +54,13 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from sklearn.ensemble import IsolationForest
 
-from sdns_monitor.backbones import BackboneConfig, create_backbone
 from sdns_monitor.bundle import InputSpec
 from sdns_monitor.data import load_dataset
 from sdns_monitor.detector import Detector
 from sdns_monitor.evaluation import ood_metrics
 from sdns_monitor.features import extract_features
-from sdns_monitor.index import ReferenceIndex, anomaly_scores
+from sdns_monitor.index import ReferenceIndex
+from sdns_monitor.networks import BackboneConfig, create_backbone
 from trainer.config import TrainConfig, make_config
 from trainer.fit import fit, load_reference, split_reference
 from trainer.negatives import shift
@@ -153,7 +153,7 @@ def pixel_scorer(
         return F.normalize(torch.from_numpy(x.reshape(len(x), -1).astype(np.float32)), dim=1)
 
     index = ReferenceIndex(feats(train).numpy())
-    return lambda x: anomaly_scores(index, feats(x), K, T)
+    return lambda x: index.kernel_scores(feats(x), K, T)
 
 
 def random_encoder_scorer(
@@ -166,7 +166,7 @@ def random_encoder_scorer(
     spec = InputSpec(size=28, model_size=28, channels=1, mean=[mean], std=[std])
     cpu = torch.device("cpu")
     index = ReferenceIndex(extract_features(encoder, train, spec, cpu).numpy())
-    return lambda x: anomaly_scores(index, extract_features(encoder, x, spec, cpu), K, T)
+    return lambda x: index.kernel_scores(extract_features(encoder, x, spec, cpu), K, T)
 
 
 def isolation_forest_scorer(

@@ -30,7 +30,7 @@ import torch
 from sdns_monitor.data import load_dataset
 from sdns_monitor.detector import Detector
 from sdns_monitor.evaluation import ood_metrics
-from sdns_monitor.index import ReferenceIndex, anomaly_scores
+from sdns_monitor.index import ReferenceIndex
 
 HOLDOUT = 5000
 
@@ -45,8 +45,8 @@ def pixel_auroc(
     train: np.ndarray, id_test: np.ndarray, ood: np.ndarray, k: int | None = 200
 ) -> float:
     index = ReferenceIndex(pixel_features(train).numpy())
-    a = anomaly_scores(index, pixel_features(id_test), k, 0.04)
-    b = anomaly_scores(index, pixel_features(ood), k, 0.04)
+    a = index.kernel_scores(pixel_features(id_test), k, 0.04)
+    b = index.kernel_scores(pixel_features(ood), k, 0.04)
     return ood_metrics(a, b).auroc
 
 

@@ -1,5 +1,6 @@
-"""Encoder backends behind one interface: `eager`, `compile` (torch.compile) and `tensorrt`
-(torch-tensorrt, fp16), chosen with `--backend`; `auto` takes the fastest one available.
+"""How the encoder network (networks.py) is run, behind one interface: `eager`, `compile`
+(torch.compile) and `tensorrt` (torch-tensorrt, fp16), chosen with `--backend`; `auto` takes
+the fastest one available.
 
 Each returns a module with the encoder's call signature (float N x C x S x S -> features), so
 `features.extract_features` runs any of them. Results agree with `eager` within

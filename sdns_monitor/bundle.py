@@ -34,8 +34,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from sdns_monitor import __version__
-from sdns_monitor.backbones import BackboneConfig
 from sdns_monitor.errors import BundleError, first_problem
+from sdns_monitor.networks import BackboneConfig
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

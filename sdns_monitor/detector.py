@@ -15,17 +15,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdns_monitor.backbones import create_backbone
 from sdns_monitor.backends import build_encoder
 from sdns_monitor.bundle import Bundle, load_bundle
 from sdns_monitor.device import resolve_device
 from sdns_monitor.errors import BundleError, ConfigError, FrameError
 from sdns_monitor.features import extract_features
 from sdns_monitor.frames import decode_bytes, from_array, from_pil
-from sdns_monitor.index import ReferenceIndex, anomaly_scores
-from sdns_monitor.lowlevel import combine, lowlevel_features
+from sdns_monitor.index import ReferenceIndex
+from sdns_monitor.lowlevel import lowlevel_features
+from sdns_monitor.networks import create_backbone
 from sdns_monitor.preprocess import prepare_uint8
-from sdns_monitor.scoring import ScoreResult, p_values
+from sdns_monitor.scoring import ScoreResult, combined_score, p_values
 
 ImageInput = np.ndarray | torch.Tensor | Image.Image | bytes
 ScoreMode = Literal["auto", "sdns", "combined"]
@@ -154,14 +154,14 @@ class Detector:
         if self.low_index is None or low is None:
             return sdns
         feats = lowlevel_features(prepared, low.side)
-        return combine(
-            sdns, anomaly_scores(self.low_index, feats, low.k, low.temperature), low.stats
+        return combined_score(
+            sdns, self.low_index.kernel_scores(feats, low.k, low.temperature), low.stats
         )
 
     def sdns_scores(self, prepared: np.ndarray) -> np.ndarray:
         """a(z), the paper's kernel score on teacher features, whatever the score mode."""
         feats = self.features(prepared)
-        return anomaly_scores(self.index, feats, self.k, self.temperature)
+        return self.index.kernel_scores(feats, self.k, self.temperature)
 
     def score(
         self,

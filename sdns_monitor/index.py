@@ -63,7 +63,7 @@ class ReferenceIndex:
 
     def search(self, queries: torch.Tensor, k: int | None) -> torch.Tensor:
         """Similarities of each query to its k nearest references (M x k), or to all (M x N)
-        when k is None or at least N. Callers chunk the queries (see `anomaly_scores`)."""
+        when k is None or at least N. Callers chunk the queries (see `kernel_scores`)."""
         if k is None or k >= len(self):
             return queries.detach().float().to(self.device) @ self._bank.T
         if self.factory == "Flat" and self.device.type != "cpu":
@@ -71,6 +71,17 @@ class ReferenceIndex:
             # on the device (no FAISS, no host copies); FAISS's CPU index is faster on CPUs.
             return exact_topk(queries.detach().float().to(self.device), self._bank, k)
         return self.neighbours(queries, k)[0]
+
+    def kernel_scores(
+        self, features: torch.Tensor, k: int | None, temperature: float, chunk: int = 1024
+    ) -> np.ndarray:
+        """The kernel score a(z) (`scoring.kernel_score`) of each row of `features` (unit
+        norm) among this bank, searching in chunks to bound memory."""
+        out = [
+            kernel_score(self.search(features[i : i + chunk], k), len(self), temperature).cpu()
+            for i in range(0, features.shape[0], chunk)
+        ]
+        return torch.cat(out).numpy() if out else np.zeros(0)
 
     def neighbours(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, np.ndarray]:
         """Similarities (M x k) and reference ids (M x k, -1 where fewer than k were found)
@@ -123,8 +134,8 @@ def approximation_quality(
     )
     auroc = {}
     for name, idx in (("approximate", index), ("exact", exact)):
-        a = anomaly_scores(idx, id_feats, k, temperature)
-        b = anomaly_scores(idx, ood_feats, k, temperature)
+        a = idx.kernel_scores(id_feats, k, temperature)
+        b = idx.kernel_scores(ood_feats, k, temperature)
         auroc[name] = ood_metrics(a, b).auroc
     return {
         f"recall_at_{kk}": recall,
@@ -166,18 +177,3 @@ def _search_effort(index: Any) -> None:
     for setting in (f"nprobe={NPROBE}", f"efSearch={EF_SEARCH}"):
         with contextlib.suppress(RuntimeError):  # an index without that parameter (Flat)
             params.set_index_parameters(index, setting)  # type: ignore[arg-type]
-
-
-def anomaly_scores(
-    index: ReferenceIndex,
-    features: torch.Tensor,
-    k: int | None,
-    temperature: float,
-    chunk: int = 1024,
-) -> np.ndarray:
-    """a(z) for each row of `features` (unit norm), searching in chunks to bound memory."""
-    out = [
-        kernel_score(index.search(features[i : i + chunk], k), len(index), temperature).cpu()
-        for i in range(0, features.shape[0], chunk)
-    ]
-    return torch.cat(out).numpy() if out else np.zeros(0)

@@ -53,15 +53,3 @@ def lowlevel_features(prepared: np.ndarray, side: int, chunk: int = 4096) -> tor
     if not out:
         return torch.zeros(0, side * side * prepared.shape[-1])
     return torch.cat(out)
-
-
-def standardise(scores: np.ndarray, mean: float, std: float) -> np.ndarray:
-    return (scores - mean) / std
-
-
-def combine(
-    sdns: np.ndarray, low: np.ndarray, stats: tuple[float, float, float, float]
-) -> np.ndarray:
-    """The combined score from the two scores and (sdns mean, sdns std, low mean, low std)."""
-    m1, s1, m2, s2 = stats
-    return standardise(sdns, m1, s1) + standardise(low, m2, s2)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from sdns_monitor.backbones import BackboneConfig, create_backbone
 from sdns_monitor.broker import Broker, start_broker
 from sdns_monitor.bundle import (
     InputSpec,
@@ -22,7 +21,8 @@ from sdns_monitor.bundle import (
 from sdns_monitor.data import load_dataset
 from sdns_monitor.detector import Detector
 from sdns_monitor.features import extract_features
-from sdns_monitor.index import ReferenceIndex, anomaly_scores
+from sdns_monitor.index import ReferenceIndex
+from sdns_monitor.networks import BackboneConfig, create_backbone
 from sdns_monitor.preprocess import prepare_uint8
 
 TINY_SIZE = 16
@@ -67,8 +67,8 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, fashion_test: np.ndarr
     cpu = torch.device("cpu")
     features = extract_features(encoder, reference, spec, cpu).numpy()
     index = ReferenceIndex(features, "Flat")
-    cal_scores = anomaly_scores(
-        index, extract_features(encoder, calibration, spec, cpu), TINY_K, 0.04
+    cal_scores = index.kernel_scores(
+        extract_features(encoder, calibration, spec, cpu), TINY_K, 0.04
     )
     manifest = Manifest(
         name="tiny",

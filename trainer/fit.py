@@ -33,7 +33,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from sdns_monitor.backbones import BackboneConfig
 from sdns_monitor.bundle import (
     InputSpec,
     Manifest,
@@ -46,10 +45,11 @@ from sdns_monitor.data import ImageSet, load_dataset, parse_spec
 from sdns_monitor.device import resolve_device
 from sdns_monitor.errors import BundleError, DataError
 from sdns_monitor.features import extract_features
-from sdns_monitor.index import ReferenceIndex, anomaly_scores
-from sdns_monitor.lowlevel import combine, lowlevel_features
+from sdns_monitor.index import ReferenceIndex
+from sdns_monitor.lowlevel import lowlevel_features
+from sdns_monitor.networks import BackboneConfig
 from sdns_monitor.preprocess import prepare_uint8
-from sdns_monitor.scoring import cannot_flag
+from sdns_monitor.scoring import cannot_flag, combined_score
 from trainer.config import TrainConfig
 from trainer.loop import DistInfo, Trainer, TrainResult, dist_info
 from trainer.selection import ScoreSelection, select_score
@@ -270,15 +270,15 @@ def calibrate(
     combined score; warns when there are too few to flag anything at the alarm rate."""
     images = prepared.splits.calibration.images
     features = extract_features(teacher, images, prepared.input, device)
-    scores = anomaly_scores(index, features, selection.k, cfg.score_temperature)
+    scores = index.kernel_scores(features, selection.k, cfg.score_temperature)
     combined = None
     low, low_bank = selection.lowlevel, selection.lowlevel_bank
     if low is not None and low_bank is not None:
         low_index = ReferenceIndex(low_bank, "Flat", device)
-        low_scores = anomaly_scores(
-            low_index, lowlevel_features(images, low.side), low.k, low.temperature
+        low_scores = low_index.kernel_scores(
+            lowlevel_features(images, low.side), low.k, low.temperature
         )
-        combined = combine(scores, low_scores, low.stats)
+        combined = combined_score(scores, low_scores, low.stats)
     if (problem := cannot_flag(len(scores), cfg.alarm_rate)) is not None:
         log(f"warning: {problem}")
     return Calibration(scores, combined)

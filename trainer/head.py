@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from sdns_monitor.backbones import Backbone, BackboneConfig, create_backbone
+from sdns_monitor.networks import Backbone, BackboneConfig, create_backbone
 
 
 class DinoHead(nn.Module):

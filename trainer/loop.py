@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sdns_monitor.backbones import Backbone, BackboneConfig
 from sdns_monitor.errors import ConfigError, DataError, TrainingError
+from sdns_monitor.networks import Backbone, BackboneConfig
 from trainer import schedules
 from trainer.augment import CropConfig, MultiCrop
 from trainer.config import TrainConfig

@@ -24,8 +24,9 @@ import torch
 from sdns_monitor.bundle import InputSpec, LowLevelSpec
 from sdns_monitor.evaluation import ood_metrics
 from sdns_monitor.features import extract_features
-from sdns_monitor.index import ReferenceIndex, anomaly_scores, approximation_quality
-from sdns_monitor.lowlevel import DEFAULT_K, combine, lowlevel_features, pooled_side
+from sdns_monitor.index import ReferenceIndex, approximation_quality
+from sdns_monitor.lowlevel import DEFAULT_K, lowlevel_features, pooled_side
+from sdns_monitor.scoring import combined_score
 from trainer.config import TrainConfig
 from trainer.negatives import shift
 
@@ -166,8 +167,8 @@ def build_combined_score(
     if not cfg.lowlevel or validation is None:
         return None, None
     sdns_val = (
-        anomaly_scores(index, validation.id_features, k, cfg.score_temperature),
-        anomaly_scores(index, validation.ood_features, k, cfg.score_temperature),
+        index.kernel_scores(validation.id_features, k, cfg.score_temperature),
+        index.kernel_scores(validation.ood_features, k, cfg.score_temperature),
     )
     spec, bank = build_lowlevel(
         train_images, validation.images, validation.shifted, sdns_val, cfg, device
@@ -199,8 +200,8 @@ def choose_k(
     """The smallest candidate k whose validation AUROC (ID vs shifted ID) is within
     K_TOLERANCE of the exact k = all score (METHOD.md: top-k may not keep the ranking)."""
     exact = ood_metrics(
-        anomaly_scores(index, id_feats, None, temperature),
-        anomaly_scores(index, ood_feats, None, temperature),
+        index.kernel_scores(id_feats, None, temperature),
+        index.kernel_scores(ood_feats, None, temperature),
     ).auroc
     record: dict[str, Any] = {"auroc_all": exact, "tolerance": K_TOLERANCE, "auroc_by_k": {}}
     chosen: int | None = None
@@ -208,8 +209,8 @@ def choose_k(
         if k >= len(index):
             break
         auroc = ood_metrics(
-            anomaly_scores(index, id_feats, k, temperature),
-            anomaly_scores(index, ood_feats, k, temperature),
+            index.kernel_scores(id_feats, k, temperature),
+            index.kernel_scores(ood_feats, k, temperature),
         ).auroc
         record["auroc_by_k"][str(k)] = auroc
         if chosen is None and auroc >= exact - K_TOLERANCE:
@@ -242,8 +243,8 @@ def build_lowlevel(
     index = ReferenceIndex(bank, "Flat", device)
     k = min(DEFAULT_K, len(bank))
     t = cfg.score_temperature
-    low_id = anomaly_scores(index, lowlevel_features(val_images, side), k, t)
-    low_ood = anomaly_scores(index, lowlevel_features(val_shifted, side), k, t)
+    low_id = index.kernel_scores(lowlevel_features(val_images, side), k, t)
+    low_ood = index.kernel_scores(lowlevel_features(val_shifted, side), k, t)
     sdns_id, sdns_ood = sdns_val
     stats = (
         float(sdns_id.mean()),
@@ -255,7 +256,7 @@ def build_lowlevel(
         "auroc_sdns": ood_metrics(sdns_id, sdns_ood).auroc,
         "auroc_low": ood_metrics(low_id, low_ood).auroc,
         "auroc_combined": ood_metrics(
-            combine(sdns_id, low_id, stats), combine(sdns_ood, low_ood, stats)
+            combined_score(sdns_id, low_id, stats), combined_score(sdns_ood, low_ood, stats)
         ).auroc,
     }
     default = "combined" if aurocs["auroc_combined"] > aurocs["auroc_sdns"] else "sdns"

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from sdns_monitor.backbones import BackboneConfig
 from sdns_monitor.bundle import (
     CALIBRATION,
     ENCODER,
@@ -30,6 +29,7 @@ from sdns_monitor.bundle import (
     write_bundle,
 )
 from sdns_monitor.errors import BundleError
+from sdns_monitor.networks import BackboneConfig
 
 D = 8
 

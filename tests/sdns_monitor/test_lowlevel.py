@@ -11,7 +11,8 @@ import pytest
 from sdns_monitor.bundle import LowLevelSpec, load_bundle, write_bundle
 from sdns_monitor.detector import Detector
 from sdns_monitor.errors import BundleError, ConfigError
-from sdns_monitor.lowlevel import MAX_DIM, combine, lowlevel_features, pooled_side
+from sdns_monitor.lowlevel import MAX_DIM, lowlevel_features, pooled_side
+from sdns_monitor.scoring import combined_score
 
 
 def test_pooled_features_are_compact_unit_vectors_and_flat_frames_are_zero() -> None:
@@ -32,8 +33,8 @@ def test_pooled_features_are_compact_unit_vectors_and_flat_frames_are_zero() -> 
     )
 
 
-def test_combine_standardises_each_half() -> None:
-    out = combine(np.array([1.0, 3.0]), np.array([10.0, 30.0]), (1.0, 2.0, 10.0, 20.0))
+def test_combined_score_standardises_each_half() -> None:
+    out = combined_score(np.array([1.0, 3.0]), np.array([10.0, 30.0]), (1.0, 2.0, 10.0, 20.0))
     assert out.tolist() == [0.0, 2.0]
 
 
@@ -44,9 +45,9 @@ def _with_lowlevel(tiny_bundle: Path, out: Path, fashion: np.ndarray, default: s
     bank = lowlevel_features(fashion[:300], pooled_side(16, 1)).numpy()
     val = fashion[600:800]
     sdns_val = det.sdns_scores(val)
-    from sdns_monitor.index import ReferenceIndex, anomaly_scores
+    from sdns_monitor.index import ReferenceIndex
 
-    low_val = anomaly_scores(ReferenceIndex(bank), lowlevel_features(val, 16), 200, 0.04)
+    low_val = ReferenceIndex(bank).kernel_scores(lowlevel_features(val, 16), 200, 0.04)
     spec = LowLevelSpec(
         side=16,
         k=200,
@@ -59,8 +60,8 @@ def _with_lowlevel(tiny_bundle: Path, out: Path, fashion: np.ndarray, default: s
     score = b.manifest.score.model_copy(update={"lowlevel": spec, "default": default})
     manifest = b.manifest.model_copy(update={"score": score, "files": {}})
     cal = fashion[300:600]
-    cal_low = anomaly_scores(ReferenceIndex(bank), lowlevel_features(cal, 16), 200, 0.04)
-    cal_combined = combine(det.sdns_scores(cal), cal_low, spec.stats)
+    cal_low = ReferenceIndex(bank).kernel_scores(lowlevel_features(cal, 16), 200, 0.04)
+    cal_combined = combined_score(det.sdns_scores(cal), cal_low, spec.stats)
     return write_bundle(out, manifest, b.state_dict, b.features, b.calibration, bank, cal_combined)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sdns_monitor.errors import ConfigError
-from sdns_monitor.index import ReferenceIndex, anomaly_scores
+from sdns_monitor.index import ReferenceIndex
 from sdns_monitor.scoring import (
     cannot_flag,
     conformal_cutoff,
@@ -71,16 +71,16 @@ def test_top_k_with_all_neighbours_equals_exact_and_fewer_is_an_upper_bound() ->
     bank = _unit(100, 16, seed=1)
     queries = torch.from_numpy(_unit(7, 16, seed=2))
     index = ReferenceIndex(bank, "Flat")
-    exact = anomaly_scores(index, queries, None, 0.5)
+    exact = index.kernel_scores(queries, None, 0.5)
     np.testing.assert_allclose(
         exact,
         _direct(queries.numpy().astype(np.float64) @ bank.T.astype(np.float64), 100, 0.5),
         rtol=1e-6,
     )
-    np.testing.assert_allclose(anomaly_scores(index, queries, 100, 0.5), exact, rtol=1e-12)
+    np.testing.assert_allclose(index.kernel_scores(queries, 100, 0.5), exact, rtol=1e-12)
     # FAISS path with k = N - 1 and k = 10: fewer terms, smaller sum, higher anomaly score.
-    k99 = anomaly_scores(index, queries, 99, 0.5)
-    k10 = anomaly_scores(index, queries, 10, 0.5)
+    k99 = index.kernel_scores(queries, 99, 0.5)
+    k10 = index.kernel_scores(queries, 10, 0.5)
     assert np.all(k99 >= exact - 1e-9)
     assert np.all(k10 >= k99 - 1e-9)
 
@@ -137,8 +137,8 @@ def test_chunked_scores_equal_unchunked() -> None:
     queries = torch.from_numpy(_unit(23, 8, seed=9))
     index = ReferenceIndex(bank)
     for k in (None, 7):
-        whole = anomaly_scores(index, queries, k, 0.04, chunk=1024)
-        chunked = anomaly_scores(index, queries, k, 0.04, chunk=5)
+        whole = index.kernel_scores(queries, k, 0.04, chunk=1024)
+        chunked = index.kernel_scores(queries, k, 0.04, chunk=5)
         assert whole.shape == (23,)
         # Not bit-equal: BLAS picks other fp32 kernels for other shapes (the precision contract).
         np.testing.assert_allclose(chunked, whole, rtol=0, atol=score_tolerance(8, 0.04))
@@ -146,7 +146,7 @@ def test_chunked_scores_equal_unchunked() -> None:
 
 def test_no_queries_give_no_scores() -> None:
     index = ReferenceIndex(_unit(10, 4, seed=10))
-    assert anomaly_scores(index, torch.zeros(0, 4), 3, 0.04).shape == (0,)
+    assert index.kernel_scores(torch.zeros(0, 4), 3, 0.04).shape == (0,)
 
 
 def test_ivf_factory_is_searched_by_inner_product() -> None:

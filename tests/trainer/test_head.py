@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sdns_monitor.backbones import BackboneConfig, DropPath
+from sdns_monitor.networks import BackboneConfig, DropPath
 from trainer.head import DinoHead, Encoder, build_pair, ema_update
 
 CNN = BackboneConfig(name="cnn-small", in_channels=1, image_size=16, width=4)

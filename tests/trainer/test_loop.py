@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import trainer.loop as loop
-from sdns_monitor.backbones import BackboneConfig
 from sdns_monitor.errors import ConfigError, DataError, SdnsError
+from sdns_monitor.networks import BackboneConfig
 from trainer.config import TrainConfig, make_config
 from trainer.head import build_pair
 from trainer.loop import Trainer, cancel_last_layer_grads, clip_per_parameter, param_groups

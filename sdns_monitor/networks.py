@@ -1,4 +1,5 @@
-"""Image encoders by name: the network that ships in a bundle.
+"""The encoder networks (backbones) by name: the network that ships in a bundle; how it is
+run (eager, torch.compile, TensorRT) is `backends.py`.
 
 `create_backbone(BackboneConfig(name="cnn-small", in_channels=1, image_size=28))` returns a plain
 `torch.nn.Module` mapping N x C x H x W float images to N x feature_dim features. Every backbone

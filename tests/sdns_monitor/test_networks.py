@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdns_monitor.backbones import BACKBONES, BackboneConfig, DropPath, create_backbone
 from sdns_monitor.errors import ConfigError
+from sdns_monitor.networks import BACKBONES, BackboneConfig, DropPath, create_backbone
 
 
 def _gen(seed: int = 0) -> torch.Generator:
