@@ -32,6 +32,11 @@ class TrainingError(SdnsError):
     """Training cannot go on (a non-finite loss, ...)."""
 
 
+class UnreadableRecord(SdnsError):
+    """A Kafka record the client cannot parse (a header key that is not UTF-8, a corrupt batch):
+    `run` skips it and names it in a dead-letter reference record."""
+
+
 class OutputError(SdnsError):
     """`run`'s alerts, scores or dead letters could not be delivered; nothing was committed."""
 

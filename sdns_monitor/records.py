@@ -111,12 +111,16 @@ def to_json(record: BaseModel) -> bytes:
 
 
 def dead_letter_headers(
-    original: list[tuple[str, bytes]] | None,
+    original: list[tuple[str, bytes | None]] | None,
     error: BaseException,
     source: Source,
 ) -> list[tuple[str, bytes]]:
-    """The original headers unchanged, then the sdns-* headers that say what went wrong."""
+    """The original headers, then the sdns-* headers that say what went wrong. Kafka allows a
+    null header value, which the producer cannot send: it is carried as empty bytes, and
+    `sdns-null-headers` names those headers (comma-separated, in order)."""
     message = " ".join(str(error).split())[:1000]  # one line, bounded
+    carried = [(k, b"" if v is None else v) for k, v in original or []]
+    nulls = [k for k, v in original or [] if v is None]
     ours = [
         ("sdns-error-class", type(error).__name__),
         ("sdns-error", message),
@@ -125,4 +129,6 @@ def dead_letter_headers(
         ("sdns-source-offset", str(source.offset)),
         ("sdns-frame-index", str(source.frame_index)),
     ]
-    return [*(original or []), *((k, v.encode("utf-8")) for k, v in ours)]
+    if nulls:
+        ours.append(("sdns-null-headers", ",".join(nulls)))
+    return [*carried, *((k, v.encode("utf-8")) for k, v in ours)]

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from sdns_monitor.detector import Detector
-from sdns_monitor.errors import FrameError
+from sdns_monitor.errors import FrameError, UnreadableRecord
 from sdns_monitor.frames import decode_bytes
 from sdns_monitor.records import Alert, Source, encode_key
+from sdns_monitor.stream.intake import UnreadableMessage
 from sdns_monitor.stream.routing import Models
 
 
@@ -34,7 +35,7 @@ class Frame:
 @dataclass
 class Undecodable:
     message: Any
-    error: FrameError
+    error: Exception
     source: Source
 
 
@@ -115,8 +116,10 @@ def decode_messages(messages: list[Any], models: Models, max_frame_bytes: int) -
         )
         detector = models.for_key(m.key)
         try:
+            if isinstance(m, UnreadableMessage):
+                raise UnreadableRecord(m.error)
             images = detector.prepare(decode_value(m, max_frame_bytes))
-        except FrameError as exc:
+        except Exception as exc:  # whatever one message does, it is that message's dead letter
             out.undecodable.append(Undecodable(m, exc, Source(**base)))
             continue
         for i in range(images.shape[0]):

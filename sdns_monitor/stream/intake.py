@@ -3,12 +3,33 @@ consumer pauses instead of buffering while the pipeline is full)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
+
+from kafka.errors import CorruptRecordError
+
+log = logging.getLogger("sdns_monitor.stream")
 
 IDLE_POLL_MS = 500  # how long an empty poll waits before the loop looks around again
 BUSY_POLL_MS = 5  # with batches in flight: come back soon to commit them
+
+
+@dataclass
+class UnreadableMessage:
+    """Stands in, in a batch, for a record the client could not parse: it becomes a dead-letter
+    reference (no value, headers naming where it is), and its offset is committed after it."""
+
+    topic: str
+    partition: int
+    offset: int
+    error: str
+    key: bytes | None = None
+    value: bytes | None = None
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    timestamp: int | None = None
 
 
 class Intake:
@@ -56,5 +77,33 @@ class Intake:
             self.paused = False
 
     def _poll(self, timeout_ms: int, max_records: int | None) -> list[Any]:
-        polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        try:
+            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except CorruptRecordError as exc:  # raised again at every poll until it is skipped
+            return self._skip_unreadable(exc)
         return [m for batch in polled.values() for m in batch]
+
+    def _skip_unreadable(self, exc: CorruptRecordError) -> list[Any]:
+        """Seek past the record the client cannot parse (a header key that is not UTF-8, a
+        corrupt batch). The client raises before it returns that partition's next record and
+        leaves the partition's position on it; which partition it was, only its fetcher
+        knows (kafka-python 3.0: the partition records being drained)."""
+        fetcher = getattr(self.consumer, "_fetcher", None)
+        part = getattr(fetcher, "_next_partition_records", None)
+        tp = getattr(part, "topic_partition", None)
+        if tp is None or tp not in self.consumer.assignment():
+            raise exc  # cannot tell where it is: let the loop fail rather than spin
+        offset = self.consumer.position(tp)
+        self.consumer.seek(tp, offset + 1)
+        if fetcher is not None:
+            fetcher._next_partition_records = None  # its iterator died with the exception
+        reason = " ".join(str(exc).split())[:300]
+        log.error(
+            "skipped %s[%d]@%d: the Kafka client cannot parse it (%s)",
+            tp.topic,
+            tp.partition,
+            offset,
+            reason,
+        )
+        text = f"the Kafka client cannot parse this record ({reason}); it was skipped"
+        return [UnreadableMessage(tp.topic, tp.partition, offset, text)]

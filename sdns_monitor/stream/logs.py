@@ -11,14 +11,18 @@ from collections import Counter as Tally
 
 
 class Throttle:
-    """At most one log line per key per `every_s`; counts what it held back."""
+    """At most one log line per key per `every_s`; counts what it held back. Keys beyond
+    `max_keys` share one (hostile input must not grow it without bound)."""
 
-    def __init__(self, every_s: float) -> None:
+    def __init__(self, every_s: float, max_keys: int = 256) -> None:
         self.every_s = every_s
+        self.max_keys = max_keys
         self._last: dict[str, float] = {}
         self._held: Tally[str] = Tally()
 
     def ready(self, key: str) -> bool:
+        if key not in self._last and len(self._last) >= self.max_keys:
+            key = "(other kinds)"
         now = time.monotonic()
         if now - self._last.get(key, -self.every_s) >= self.every_s:
             self._last[key] = now
@@ -27,6 +31,8 @@ class Throttle:
         return False
 
     def take_suppressed(self, key: str) -> int:
+        if key not in self._last:
+            key = "(other kinds)"
         return self._held.pop(key, 0)
 
 

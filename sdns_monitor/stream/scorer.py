@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -222,7 +223,13 @@ class Scorer:
         return kept, np.asarray(scores, dtype=np.float64)
 
     def _dead_letter(self, producer: Any, message: Any, exc: BaseException, source: Source) -> Any:
-        kind = str(exc).split(":")[0][:60]  # the reason, e.g. "empty message value"
+        """Send `message` to the dead-letter topic as it came, with the sdns-* headers. What the
+        producer refuses to send as it is (a tombstone without key, header values it cannot
+        write) goes as a reference: no value, the sdns-* headers only."""
+        # One kind per class and reason, numbers and quoted text left out (payload bytes and
+        # shapes would make a new kind of every junk frame).
+        reason = re.sub(r"'[^']*'|\"[^\"]*\"|[0-9]+", "#", str(exc).split(":")[0])[:60]
+        kind = f"{type(exc).__name__}:{reason}"
         if self._log_throttle.ready(kind):
             suppressed = self._log_throttle.take_suppressed(kind)
             more = f" (and {suppressed} more like it)" if suppressed else ""
@@ -237,12 +244,23 @@ class Scorer:
         value = message.value
         if value is not None and len(value) > self.settings.max_frame_bytes:
             value = None  # too large for the producer: the headers still say where it was
-        return producer.send(
-            self.settings.dlq_topic,
-            key=message.key,
-            value=value,
-            headers=dead_letter_headers(list(message.headers or []), exc, source),
-        )
+        key = message.key
+        if key is None and value is None:
+            key = b""  # a record needs a key or a value; the headers say where it was
+        dlq = self.settings.dlq_topic
+        try:
+            headers = dead_letter_headers(list(message.headers or []), exc, source)
+            return producer.send(dlq, key=key, value=value, headers=headers)
+        except (TypeError, ValueError, AttributeError) as refused:  # not a broker problem
+            log.warning(
+                "dead letter %s[%d]@%d sent as a reference: %s",
+                source.topic,
+                source.partition,
+                source.offset,
+                refused,
+            )
+            headers = dead_letter_headers([], exc, source)
+            return producer.send(dlq, key=b"", value=None, headers=headers)
 
     def _close_incidents(self, producer: Any, batch: Batch) -> None:
         """Send a closing record for every incident whose key has been quiet for a window."""

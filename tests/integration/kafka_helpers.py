@@ -186,3 +186,37 @@ def local_s3(log: Path, bucket: str = "tansu") -> Iterator[dict[str, str]]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def produce_doctored(
+    broker: Broker,
+    topic: str,
+    value: bytes,
+    headers: list[tuple[str, bytes]],
+    replace: dict[bytes, bytes],
+    key: bytes | None = b"cam",
+) -> None:
+    """Produce one record whose encoded bytes are then edited (each `replace` pair of the same
+    length), with the batch CRC computed afterwards, so the broker stores and serves a record
+    kafka-python itself cannot write: a null header value (varint -1 where 0 was), a header
+    key that is not UTF-8. What a librdkafka or Java producer may send, on the real protocol."""
+    from kafka.record.default_records import DefaultRecordBatchBuilder
+
+    original = DefaultRecordBatchBuilder.build
+
+    def build(self: Any) -> Any:
+        compressed = self._maybe_compress()
+        for old, new in replace.items():
+            assert len(old) == len(new) and self._buffer.count(old) == 1, old
+            at = self._buffer.find(old)
+            self._buffer[at : at + len(old)] = new
+        self.write_header(compressed)  # the CRC over the edited bytes
+        return self._buffer
+
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, linger_ms=0)
+    DefaultRecordBatchBuilder.build = build  # type: ignore[method-assign]
+    try:
+        producer.send(topic, key=key, value=value, headers=headers).get(timeout=10)
+    finally:
+        DefaultRecordBatchBuilder.build = original  # type: ignore[method-assign]
+        producer.close()

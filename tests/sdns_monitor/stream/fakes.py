@@ -79,6 +79,11 @@ class Producer:
     ) -> Future:
         if self.raise_on_send is not None:
             raise self.raise_on_send
+        # What kafka-python's KafkaProducer.send checks before anything goes out.
+        if key is None and value is None:
+            raise ValueError("Need at least one: key or value")
+        if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in headers or []):
+            raise TypeError("All headers items must be (str, bytes) tuples")
         future = Future()
         if topic in self.refuse:
             future.fail(f"{topic} refuses records")

@@ -47,6 +47,22 @@ def test_undecodable_messages_become_dead_letters_with_their_headers() -> None:
     assert b.dead_letters == {"FrameError": 1} and b.frames["frames"] == 1
 
 
+def test_a_tombstone_and_null_header_values_still_make_dead_letters() -> None:
+    scorer, _ = _scorer()
+    producer = Producer()
+    tombstone = Message("frames", 0, 4, None, key=None)
+    nulls = Message("frames", 0, 5, b"junk", headers=[("a", None), ("b", b"x"), ("c", None)])
+    b = batch([tombstone, nulls])
+    scorer.score_batch(b, producer)
+    assert b.error is None
+    first, second = producer.to("sdns-dead-letters")
+    assert first.key == b"" and first.value is None  # a record needs a key or a value
+    assert dict(first.headers or [])["sdns-source-offset"] == b"4"
+    headers = second.headers or []
+    assert headers[:3] == [("a", b""), ("b", b"x"), ("c", b"")]
+    assert dict(headers)["sdns-null-headers"] == b"a,c"
+
+
 def test_a_frame_the_model_cannot_score_is_dead_lettered_and_the_rest_scored() -> None:
     scorer, _ = _scorer()
     producer = Producer()

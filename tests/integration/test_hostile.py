@@ -1,0 +1,82 @@
+"""Hostile input against the real broker (issue 13): no message stops `run`, every one is
+dead-lettered, scored or named in a dead-letter reference, and the frames after it flow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdns_monitor.broker import Broker
+from sdns_monitor.stream import StreamMonitor
+from tests.integration.kafka_helpers import (
+    png,
+    produce,
+    produce_doctored,
+    read_all,
+    run_settings,
+    topics,
+    wait_for,
+)
+
+
+def _run_until(monitor: StreamMonitor, frames: int, timeout: float = 60) -> None:
+    monitor.start()
+    try:
+        wait_for(
+            lambda: monitor.stats.frames >= frames or monitor.error is not None,
+            timeout,
+            f"{frames} frames scored",
+        )
+    finally:
+        monitor.stop()
+
+
+@pytest.mark.integration
+def test_a_bad_frame_with_a_null_header_value_is_dead_lettered_and_the_stream_goes_on(
+    kafka_broker: Broker, tiny_bundle: Path, fashion_test: np.ndarray
+) -> None:
+    names = topics(kafka_broker, "frames", "dlq", "scores")
+    headers = [("trace", b"t-1"), ("nullable", b"")]
+    # "nullable" then its value's length varint 0 becomes -1 (zigzag 0x01): a null value.
+    produce_doctored(
+        kafka_broker, names["frames"], b"junk", headers, {b"nullable\x00": b"nullable\x01"}
+    )
+    produce(kafka_broker, names["frames"], [png(fashion_test[0])])
+    monitor = StreamMonitor(run_settings(kafka_broker, tiny_bundle, names))
+    _run_until(monitor, 1)
+    assert monitor.error is None
+    (dead,) = read_all(kafka_broker, names["dlq"], 1)
+    carried = dict(dead.headers)
+    assert dead.value == b"junk" and carried["trace"] == b"t-1"
+    assert carried["nullable"] == b"" and carried["sdns-null-headers"] == b"nullable"
+    assert len(read_all(kafka_broker, names["scores"], 1)) == 1
+
+
+@pytest.mark.integration
+def test_a_record_the_client_cannot_parse_is_named_in_a_dead_letter_and_skipped(
+    kafka_broker: Broker, tiny_bundle: Path, fashion_test: np.ndarray
+) -> None:
+    names = topics(kafka_broker, "frames", "dlq", "scores")
+    produce(kafka_broker, names["frames"], [png(fashion_test[0])])
+    # A header key that is not UTF-8 (a Java consumer reads it; kafka-python cannot).
+    produce_doctored(
+        kafka_broker,
+        names["frames"],
+        png(fashion_test[1]),
+        [("key-XX", b"v")],
+        {b"-XX": b"\xff\xfe\xfd"},
+    )
+    produce(kafka_broker, names["frames"], [png(fashion_test[2])])
+    monitor = StreamMonitor(run_settings(kafka_broker, tiny_bundle, names))
+    _run_until(monitor, 2)
+    assert monitor.error is None
+    scored = read_all(kafka_broker, names["scores"], 2)
+    assert sorted(__import__("json").loads(m.value)["source"]["offset"] for m in scored) == [0, 2]
+    (dead,) = read_all(kafka_broker, names["dlq"], 1)
+    carried = dict(dead.headers)
+    assert dead.value is None
+    assert carried["sdns-source-topic"] == names["frames"].encode()
+    assert carried["sdns-source-offset"] == b"1"
+    assert carried["sdns-error-class"] == b"UnreadableRecord"
