@@ -4,6 +4,10 @@ a config file (`--config FILE`, TOML or JSON), validated once by pydantic.
 Precedence: command line > environment > config file > defaults. Every problem is one
 `ConfigError` line naming the setting and its source. Secrets are `SecretStr`: they never
 appear in reprs or logs.
+
+These models are the one source of the settings: `run`'s options (sdns_monitor/cli/run.py) and
+docs/configuration.md (docs/gen_config.py) are generated from their fields, each field's
+`description` being both its option's help and its documentation.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -24,11 +28,17 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from sdns_monitor.errors import ConfigError, first_problem
 
 ENV_PREFIX = "SDNS_"
 _TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+
+# The choices of Detector's `score` and of sdns_monitor.backends, spelled here so that settings
+# (and the command line) load without torch.
+ScoreName = Literal["auto", "sdns", "combined"]
+BackendName = Literal["auto", "eager", "compile", "tensorrt"]
 
 
 class KafkaSecurity(BaseModel):
@@ -36,15 +46,36 @@ class KafkaSecurity(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    # OAUTHBEARER is not offered: kafka-python needs a token provider object, not a setting.
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_plain_username: str | None = None
-    sasl_plain_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-    ssl_password: SecretStr | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT",
+        description="`PLAINTEXT`, `SSL` (TLS), `SASL_PLAINTEXT` (SASL authentication) or "
+        "`SASL_SSL` (SASL over TLS).",
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        default=None,
+        description="`PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`; required with the `SASL_*` "
+        "protocols, refused without them. `OAUTHBEARER` is not supported (the Kafka client "
+        "needs a token provider object, which a setting cannot give).",
+    )
+    sasl_plain_username: str | None = Field(
+        default=None, description="SASL user name (PLAIN and SCRAM)."
+    )
+    sasl_plain_password: SecretStr | None = Field(
+        default=None,
+        description="SASL password: environment or config file only, never a command-line option.",
+    )
+    ssl_cafile: Path | None = Field(
+        default=None, description="CA certificate(s) that signed the brokers' certificates (PEM)."
+    )
+    ssl_certfile: Path | None = Field(
+        default=None, description="Client certificate, for mutual TLS (PEM)."
+    )
+    ssl_keyfile: Path | None = Field(
+        default=None, description="Client private key, for mutual TLS (PEM)."
+    )
+    ssl_password: SecretStr | None = Field(
+        default=None, description="Password of `ssl_keyfile`: environment or config file only."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> KafkaSecurity:
@@ -106,44 +137,180 @@ class Route(BaseModel):
 
 
 class RunSettings(BaseModel):
-    """Everything `run` needs; field names are the option names with '-' as '_'."""
+    """Everything `run` needs; field names are the option names with '-' as '_'.
+
+    Each description is the help of the field's option and its entry in
+    docs/configuration.md (docs/gen_config.py); the field order is the order of `run --help`.
+    Names of other settings are written as config keys, in backticks.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    topic: list[str] = Field(default_factory=list)
-    topic_pattern: str | None = None
-    model: Path
-    bootstrap_servers: str = "localhost:9092"
-    group_id: str = "sdns-monitor"
-    alert_topic: str = "sdns-alerts"
-    dlq_topic: str = "sdns-dead-letters"
-    scores_topic: str | None = None
-    batch_size: int = Field(64, ge=1, le=8192)
-    max_wait_ms: int = Field(100, ge=0, le=60_000)
-    decode_workers: int = Field(2, ge=1, le=64)  # threads that decode and resize frames
-    # Micro-batches between consumer and commit (decoding, scoring, awaiting acks); beyond
-    # this the consumer pauses. 1 makes the loop sequential.
-    queue_batches: int = Field(4, ge=1, le=64)
-    alarm_rate: float | None = Field(None, gt=0, lt=1)
-    threshold: float | None = None
-    from_beginning: bool = False
-    max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1)
-    cache_dir: Path | None = None
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = Field(9108, ge=0, le=65535)  # "off" disables; 0 picks a free port
-    session_timeout_ms: int = Field(45_000, ge=1000)  # Kafka's defaults; Tansu wants 6000 / 1000
-    heartbeat_interval_ms: int = Field(3_000, ge=100)
-    incident_window_s: float = Field(60.0, gt=0)
-    incident_cooldown_s: float = Field(300.0, ge=0)
-    device: str = "auto"  # auto, cpu, cuda, cuda:N (checked when the model loads)
-    score: Literal["auto", "sdns", "combined"] = "auto"  # see Detector
-    backend: Literal["auto", "eager", "compile", "tensorrt"] = "auto"  # sdns_monitor.backends
-    reload_check_s: float = Field(10.0, ge=0)  # how often to look for a changed bundle; 0: never
-    public_key: Path | None = None  # Ed25519 key that signed bundles must verify with
-    require_signed: bool = False  # refuse unsigned bundles (needs public_key)
-    security: KafkaSecurity = Field(default_factory=KafkaSecurity)
-    # Keys (cameras) scored by other bundles than `model` (config file only; see routing.py).
-    routes: list[Route] = Field(default_factory=list)
+    topic: list[str] = Field(
+        default_factory=list,
+        description="Topics of frames to watch. Give `topic` or `topic_pattern`, not both.",
+    )
+    topic_pattern: str | None = Field(
+        default=None,
+        description="A regular expression: every topic whose name matches is watched, "
+        "including topics created later. It must not match the output topics (`alert_topic`, "
+        "`dlq_topic`, `scores_topic`; matched as the Kafka client does, from the start of the "
+        "name): that is refused at start-up, since a monitor reading its own dead letters would "
+        "turn each into a new one without end. Anchor it: `^camera-.*`.",
+    )
+    model: Path = Field(
+        description="The bundle directory, or a symlink to one. Its path is watched for "
+        "changes (hot reload)."
+    )
+    bootstrap_servers: str = Field(
+        default="localhost:9092", description="Brokers to connect to, `host:port[,host:port...]`."
+    )
+    group_id: str = Field(
+        default="sdns-monitor",
+        description="Kafka consumer group. Every replica of one monitor uses the same group; "
+        "Kafka splits the partitions between them. A second group on the same topics is a "
+        "second, independent monitor.",
+    )
+    alert_topic: str = Field(
+        default="sdns-alerts", description="Where the alert and incident-closed records go."
+    )
+    dlq_topic: str = Field(
+        default="sdns-dead-letters",
+        description="Where messages that could not be decoded or scored go, unchanged, with "
+        "`sdns-*` headers saying why.",
+    )
+    scores_topic: str | None = Field(
+        default=None, description="When set, one score record per frame goes here, flagged or not."
+    )
+    batch_size: int = Field(default=64, ge=1, le=8192, description="Messages per micro-batch.")
+    max_wait_ms: int = Field(
+        default=100,
+        ge=0,
+        le=60_000,
+        description="The longest a micro-batch waits to fill after its first message: the "
+        "latency added on a quiet stream.",
+    )
+    decode_workers: int = Field(
+        default=2, ge=1, le=64, description="Threads that decode and resize frames."
+    )
+    queue_batches: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Micro-batches between the consumer and the commit (decoding, scoring, "
+        "awaiting acks); beyond that the consumer pauses instead of buffering. 1 makes the "
+        "loop sequential.",
+    )
+    alarm_rate: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="Flag a frame when its p-value is below this. Unset: the bundle's default "
+        "alarm rate (`sdns-monitor info` shows it).",
+    )
+    threshold: float | None = Field(
+        default=None,
+        description="Flag a frame when its raw anomaly score is above this, instead of "
+        "`alarm_rate` (the two are mutually exclusive).",
+    )
+    from_beginning: bool = Field(
+        default=False,
+        description="Where a consumer group with no committed offsets starts: the earliest "
+        "offsets instead of the latest (frames published from now on). A group that has "
+        "committed offsets always resumes from them.",
+    )
+    max_frame_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1,
+        description="Larger messages go to the dead-letter topic (without their value). Also "
+        "sizes the consumer's fetches and the producer's request limit.",
+    )
+    device: str = Field(  # checked when the model loads
+        "auto",
+        description="Where the encoder runs: `auto` (the first CUDA GPU if one is visible, "
+        "else the CPU), `cpu`, `cuda` or `cuda:N`.",
+    )
+    score: ScoreName = Field(
+        default="auto",
+        description="The anomaly score: `sdns` (the paper's), `combined` (with the low-level "
+        "score; the bundle must have it) or `auto` (the bundle's choice).",
+    )
+    backend: BackendName = Field(
+        default="auto",
+        description="Encoder backend: `auto` (the fastest available), `eager`, `compile` or "
+        "`tensorrt`.",
+    )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="Where TensorRT engines are cached; unset: `$XDG_CACHE_HOME/sdns-monitor`, "
+        "else `~/.cache/sdns-monitor`. Must be writable when `backend` is `tensorrt` (or "
+        "`auto` on a GPU with torch-tensorrt).",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address of `/metrics`, `/healthz` and `/readyz`. Loopback by default: set "
+        "`0.0.0.0` (as the container image does) only where a scraper or a kubelet outside the "
+        "host must reach it.",
+    )
+    metrics_port: int | None = Field(
+        default=9108,
+        ge=0,
+        le=65535,
+        description="Port of `/metrics`, `/healthz` and `/readyz`; `0` picks a free one (logged "
+        "at start), `off` serves nothing.",
+    )
+    incident_window_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Per key: a flagged frame within this many seconds of the key's last "
+        "flagged frame belongs to the same incident; a key quiet for this long has its "
+        "incident closed.",
+    )
+    incident_cooldown_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="Within one incident, at most one alert per this many seconds (0: an "
+        "alert for every flagged frame).",
+    )
+    reload_check_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="How often to look for a changed bundle at `model` (and at each route's "
+        "`model`); 0: never (SIGHUP still reloads).",
+    )
+    public_key: Path | None = Field(
+        default=None,
+        description="Ed25519 public key (the `.pub` file of `sdns-monitor keygen`). A signed "
+        "bundle must verify with it; an unsigned one is accepted with a warning unless "
+        "`require_signed`.",
+    )
+    require_signed: bool = Field(
+        default=False, description="Refuse unsigned bundles. Needs `public_key`."
+    )
+    session_timeout_ms: int = Field(
+        default=45_000,
+        ge=1000,
+        description="Consumer group session timeout (Kafka's default). Against the development "
+        "broker (Tansu) use `6000`: it holds a new group's join for half of it.",
+    )
+    heartbeat_interval_ms: int = Field(
+        default=3_000,
+        ge=100,
+        description="Consumer heartbeat interval; must be below `session_timeout_ms`. Against "
+        "Tansu use `1000`.",
+    )
+    security: KafkaSecurity = Field(
+        default_factory=KafkaSecurity,
+        description="Kafka client security: a `[security]` table, or its keys at the top level.",
+    )
+    routes: list[Route] = Field(
+        default_factory=list,
+        description="Config file only: a list of `[[routes]]` tables, each `model` plus `keys` "
+        "(exact message keys) and/or `key_pattern` (a regex the whole key must match). The "
+        "first route that matches a frame's key scores it; keys no route matches (and keys "
+        "that are not UTF-8) use `model`. Each bundle is loaded once and watched for changes "
+        "like `model`.",
+    )
 
     @field_validator("metrics_port", mode="before")
     @classmethod
@@ -192,16 +359,37 @@ class RunSettings(BaseModel):
         return self
 
 
-_LISTS = {"topic"}
-_BOOLS = {"from_beginning", "require_signed"}
+def _holds_a_model(annotation: Any) -> bool:
+    """`X`, `X | None` or `list[X]` for a pydantic model X: a table, not one value."""
+    args = get_args(annotation) or (annotation,)
+    return any(isinstance(a, type) and issubclass(a, BaseModel) for a in args)
+
+
+def _is_secret(annotation: Any) -> bool:
+    return SecretStr in (get_args(annotation) or (annotation,))
+
+
+# Every setting by the name it has everywhere (option, SDNS_<NAME>, config key); the security
+# fields are flat here, as on the command line, and nest under `security` in RunSettings.
+SETTINGS: dict[str, FieldInfo] = {
+    **{k: f for k, f in RunSettings.model_fields.items() if k != "security"},
+    **KafkaSecurity.model_fields,
+}
+# One value each: SDNS_<NAME> sets them (tables such as `routes` are config-file only).
+ENV_SETTINGS = tuple(k for k, f in SETTINGS.items() if not _holds_a_model(f.annotation))
+# Those with a `run` option: every one but the secrets, which never show in `ps`.
+CLI_SETTINGS = tuple(k for k in ENV_SETTINGS if not _is_secret(SETTINGS[k].annotation))
+
+_LISTS = {k for k in ENV_SETTINGS if get_origin(SETTINGS[k].annotation) is list}
+_BOOLS = {k for k in ENV_SETTINGS if SETTINGS[k].annotation is bool}
 _SECURITY = set(KafkaSecurity.model_fields)
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
-    for name in set(RunSettings.model_fields) | _SECURITY:
+    for name in ENV_SETTINGS:
         raw = env.get(ENV_PREFIX + name.upper())
-        if raw is None or name == "security":
+        if raw is None:
             continue
         value: Any = raw
         if name in _LISTS:

@@ -1,5 +1,5 @@
 """The user documentation (README.md, docs/) against the code it documents: the command
-reference is regenerated and compared, every setting of `run` must be documented with its real
+reference and the settings tables are regenerated and compared, every setting of `run` must be documented with its real
 option, environment variable and default, record examples must validate against the real
 pydantic models, and every command, option, metric, link and quoted error message the pages
 name must exist. Names come from the code, never from a list kept here. No broker, no network."""
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import typer
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 from pydantic_core import PydanticUndefined
 
 import sdns_monitor
@@ -43,12 +43,16 @@ NONE = "—"  # what the configuration tables write for "no such option / variab
 
 
 # ---------------------------------------------------------------------------- helpers
-def _gen_cli() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location("gen_cli", DOCS / "gen_cli.py")
+def _generator(name: str) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(name, DOCS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _gen_cli() -> types.ModuleType:
+    return _generator("gen_cli")
 
 
 def _commands() -> dict[str, set[str]]:
@@ -106,6 +110,10 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _is_literal(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is typing.Literal
+
+
 def _toml(value: Any) -> str:
     """A default as the configuration tables write it."""
     if value is PydanticUndefined:
@@ -144,6 +152,13 @@ def test_command_reference_names_every_command_and_option() -> None:
 
 
 # ---------------------------------------------------------------------------- configuration.md
+def test_configuration_tables_are_generated_from_the_settings() -> None:
+    page = CONFIGURATION.read_text()
+    expected = _generator("gen_config").render(page)
+    assert "<!-- settings: topic " in page and "| `bootstrap_servers` |" in expected
+    assert page == expected, "docs/configuration.md is out of date: run python docs/gen_config.py"
+
+
 def _settings_rows() -> dict[str, list[str]]:
     """key -> [option, environment, default, meaning] of the configuration tables."""
     rows = {}
@@ -169,6 +184,43 @@ def test_every_run_setting_is_documented_with_its_default() -> None:
         assert documented == _toml(_default(field)), f"{key}: default {documented}"
     text = CONFIGURATION.read_text()
     assert "[security]" in text and "SDNS_CONFIG" in text and "--config" in text
+
+
+def _run_params() -> list[Any]:
+    run = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+    return list(run.params)
+
+
+def test_every_run_setting_has_exactly_one_option_and_one_documented_entry() -> None:
+    """Each setting with one plain value has one `run` option, generated from its field: the
+    field's name, its description as help, its choices, and None as the option's own default
+    (so that the environment and the config file still apply). Secrets and tables (`routes`)
+    have none. Each setting, with or without an option, has one row in configuration.md."""
+    params = _run_params()
+    rows = [c for c in _table_rows(CONFIGURATION.read_text()) if len(c) == 5]
+    documented = [c[0].strip("`") for c in rows if re.fullmatch(r"`[a-z_]+`", c[0])]
+    with_option = set()
+    for key, field in _fields().items():
+        assert documented.count(key) == 1, f"{key} is documented {documented.count(key)} times"
+        annotation = field.annotation
+        table = _model_of((typing.get_args(annotation) or (annotation,))[0]) is not None
+        secret = SecretStr in (typing.get_args(annotation) or (annotation,))
+        mine = [p for p in params if p.name == key]
+        if table or secret:
+            assert mine == [], f"{key} must not be a command-line option"
+            continue
+        assert len(mine) == 1, f"{key} has {len(mine)} options"
+        (param,) = mine
+        with_option.add(key)
+        assert param.opts == [f"--{key.replace('_', '-')}"] and param.secondary_opts == []
+        assert param.default is None, f"--{key} would hide SDNS_{key.upper()} and the file"
+        assert field.description and field.description in param.help, key
+        literals = [a for a in (annotation, *typing.get_args(annotation)) if _is_literal(a)]
+        if literals:
+            shown = {getattr(c, "value", c) for c in param.type_descriptor.choices}
+            assert shown == set(typing.get_args(literals[0])), f"{key}: choices {shown}"
+    assert {p.name for p in params} == with_option | {"config"}, "run has stray options"
+    assert set(documented) == set(_fields())
 
 
 def test_every_documented_option_and_variable_is_the_real_one() -> None:

@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
-from sdns_monitor.cli import main
+import sdns_monitor.settings as settings_module
+from sdns_monitor.cli import app, main
 
 SECRET = "hunter2-do-not-print"
 
@@ -100,9 +103,15 @@ CASES: dict[str, tuple[list[str], dict[str, str], str | None, str]] = {
         None,
         "security_protocol is not SASL",
     ),
-    "unknown-protocol": (
+    "unknown-protocol": (  # the option lists its choices, as --score does
         ["--topic", "a", "--security-protocol", "TLS"],
         {},
+        None,
+        "'--security-protocol': 'TLS' is not one of 'PLAINTEXT', 'SSL'",
+    ),
+    "env-unknown-protocol": (
+        ["--topic", "a"],
+        {"SDNS_SECURITY_PROTOCOL": "TLS"},
         None,
         "security_protocol",
     ),
@@ -194,3 +203,31 @@ def test_config_file_can_come_from_sdns_config(
         main()
     assert exc.value.code == 2
     assert "batchsize" in capsys.readouterr().err
+
+
+def test_run_passes_only_the_options_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Options left out reach the loader as None, "not given", so the environment and the
+    config file still apply beneath the command line."""
+    seen: dict[str, Any] = {}
+
+    def loader(cli: dict[str, Any], env: Any, config: Path | None = None) -> Any:
+        seen.update(cli=dict(cli), config=config)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(settings_module, "load_settings", loader)
+    config = tmp_path / "c.toml"
+    args = ["run", "--topic", "a", "--topic", "b", "--batch-size", "8", "--from-beginning"]
+    args += ["--score", "sdns", "--metrics-port", "off", "--config", str(config)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    given = {k: v for k, v in seen["cli"].items() if v is not None}
+    assert given == {
+        "topic": ["a", "b"],
+        "batch_size": 8,
+        "from_beginning": True,
+        "score": "sdns",
+        "metrics_port": "off",
+    }
+    assert seen["config"] == config
+    assert set(seen["cli"]) >= {"model", "require_signed", "security_protocol", "ssl_keyfile"}
+    assert "sasl_plain_password" not in seen["cli"] and "routes" not in seen["cli"]

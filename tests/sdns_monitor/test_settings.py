@@ -101,3 +101,11 @@ def test_unreadable_or_invalid_config_file(tmp_path: Path) -> None:
     bad.write_text("topic = [")
     with pytest.raises(ConfigError, match="is not valid TOML"):
         load_settings(BASE, {}, bad)
+
+
+def test_tables_are_config_file_only() -> None:
+    """`routes` and `security` hold tables: no SDNS_ variable sets them (the security fields
+    have their own variables)."""
+    env = {"SDNS_ROUTES": "lobby", "SDNS_SECURITY": "SSL", "SDNS_SECURITY_PROTOCOL": "SSL"}
+    s = load_settings(BASE, env)
+    assert s.routes == [] and s.security.security_protocol == "SSL"
