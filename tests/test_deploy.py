@@ -25,7 +25,8 @@ import sdns_monitor.settings as settings_module
 from sdns_monitor.cli import app
 from sdns_monitor.errors import ConfigError
 from sdns_monitor.settings import RunSettings, load_settings
-from sdns_monitor.stream.prometheus import HealthServer, Metrics
+from sdns_monitor.stream.prometheus import Metrics
+from sdns_monitor.stream.server import HealthServer
 from tests.settings_probe import env_read_by_the_loader
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -229,6 +230,7 @@ def test_every_kubernetes_manifest_validates_strictly_against_the_newest_kuberne
         "PodDisruptionBudget",
         "Secret",
         "PersistentVolumeClaim",
+        "NetworkPolicy",
     }
     for path, docs in manifests.items():
         for doc in docs:
@@ -250,9 +252,8 @@ def test_kustomization_lists_every_manifest_and_its_files_exist() -> None:
     assert image["name"] == _container()["image"]
 
 
-def test_deployment_settings_fit_its_volumes_probes_and_security(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def _deployment_settings(monkeypatch: pytest.MonkeyPatch) -> RunSettings:
+    """The settings the Deployment's container starts with."""
     pod = _k8s("Deployment")["spec"]["template"]["spec"]
     container = _container()
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -270,7 +271,17 @@ def test_deployment_settings_fit_its_volumes_probes_and_security(
     for source in container.get("envFrom", []):  # the example Secret stands in for the real one
         env.update(_k8s("Secret")["stringData"])
         assert source["secretRef"]["name"] == _k8s("Secret")["metadata"]["name"]
-    s = _settings(monkeypatch, _run_args(container["command"] + container["args"]), env, files)
+    return _settings(monkeypatch, _run_args(container["command"] + container["args"]), env, files)
+
+
+def test_deployment_settings_fit_its_volumes_probes_and_security(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pod = _k8s("Deployment")["spec"]["template"]["spec"]
+    container = _container()
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    s = _deployment_settings(monkeypatch)
 
     def mount_of(path: Path) -> dict[str, Any]:
         (mount,) = [m for p, m in mounts.items() if path.is_relative_to(p)]
@@ -309,6 +320,44 @@ def test_probe_paths_are_the_servers_health_and_readiness_endpoints(server: str)
     path = _k8s("Deployment")["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"]
     assert _status(server + path) == 200
     assert _status(server + "/no-such-endpoint") == 404  # so a wrong path cannot pass
+
+
+def test_network_policy_lets_in_only_the_metrics_port_and_out_only_kafka_and_dns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    policy = _k8s("NetworkPolicy")["spec"]
+    s = _deployment_settings(monkeypatch)
+    assert policy["podSelector"]["matchLabels"].items() <= (
+        _k8s("Deployment")["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    named = {p["name"]: p["containerPort"] for p in _container()["ports"]}
+    for rule in policy["ingress"]:
+        assert rule["from"], "an empty `from` admits everyone"
+        assert [named.get(p["port"], p["port"]) for p in rule["ports"]] == [s.metrics_port]
+    egress = policy["egress"]
+    assert all(rule.get("ports") for rule in egress), "a rule without ports opens every port"
+
+    def admits(host_port: str, protocol: str = "TCP") -> bool:
+        host, port = host_port.rsplit(":", 1)
+        # An in-cluster Service, <name>.<namespace>.svc[...]: its namespace must be let through.
+        labels = host.split(".")
+        namespace = labels[1] if len(labels) > 2 and labels[2] == "svc" else None
+        for rule in egress:
+            if {"port": int(port), "protocol": protocol} not in rule["ports"]:
+                continue
+            selectors = [peer.get("namespaceSelector", {}) for peer in rule.get("to", [])]
+            names = {
+                sel.get("matchLabels", {}).get("kubernetes.io/metadata.name") for sel in selectors
+            }
+            if namespace is None or not rule.get("to") or namespace in names:
+                return True
+        return False
+
+    for broker in s.bootstrap_servers.split(","):
+        assert admits(broker.strip()), f"egress does not reach the broker {broker}"
+    assert admits("kube-dns.kube-system.svc:53", "UDP") and admits("kube-dns.kube-system.svc:53")
+    assert not admits("elsewhere.example.com:443")
 
 
 def test_hpa_scales_the_deployment_on_a_metric_the_monitor_exports() -> None:

@@ -75,9 +75,9 @@ def run(*, config: ConfigOpt = None, **given: Any) -> None:
     """
     import logging
     import os
-    import signal
 
     from sdns_monitor.stream import ClientLogThrottle, StreamMonitor
+    from sdns_monitor.stream.signals import forward_signals
 
     loaded = settings.load_settings(given, os.environ, config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -86,9 +86,7 @@ def run(*, config: ConfigOpt = None, **given: Any) -> None:
     for handler in logging.getLogger().handlers:  # an outage: one line a minute per kind
         handler.addFilter(ClientLogThrottle())
     monitor = StreamMonitor(loaded)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: monitor.request_stop())
-    signal.signal(signal.SIGHUP, lambda *_: monitor.reload())
+    forward_signals(monitor)  # SIGTERM, SIGINT stop; SIGHUP reloads
     watched = loaded.topic_pattern or ", ".join(loaded.topic)
     typer.echo(
         f"watching {watched} on {loaded.bootstrap_servers} with model {monitor.detector.name} "

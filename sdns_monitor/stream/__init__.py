@@ -11,7 +11,9 @@ parts that own their state:
     kafka       client construction, producer renewal, connection health
     reload      hot reload of the bundles
     health      counters, metrics of delivered batches, readiness and liveness
-    prometheus  the metrics registry and the /metrics, /healthz, /readyz server
+    prometheus  the metrics registry
+    server      the /metrics, /healthz, /readyz server
+    signals     SIGTERM, SIGINT, SIGHUP handed to a thread of their own
     routing     message keys to bundles
     incidents   one incident per stuck camera, a bounded number of alerts
     logs        throttled log lines

@@ -22,6 +22,7 @@ from sdns_monitor.stream.prometheus import Metrics
 log = logging.getLogger("sdns_monitor.stream")
 
 STALL_S = 300.0  # /healthz fails when the loop has not come round for this long
+HEAD_STALL_S = 120.0  # /readyz fails while the oldest batch in flight is older than this
 
 
 @dataclass
@@ -70,6 +71,8 @@ class Status:
         self.last_loop = time.monotonic()
         self.output_problem: str | None = None  # outputs not delivered: retrying
         self.broker_problem: str | None = None  # cut off from the brokers
+        self.stall_problem: str | None = None  # the oldest batch in flight is not moving
+        self.workers: dict[str, Callable[[], bool]] = {}  # name -> is that thread alive
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ probes
@@ -81,9 +84,14 @@ class Status:
             return f"not ready: {self.output_problem}"
         if self.broker_problem is not None:
             return f"not ready: {self.broker_problem}"
+        if self.stall_problem is not None:
+            return f"not ready: {self.stall_problem}"
         return None
 
     def not_alive(self) -> str | None:
+        dead = [name for name, alive in self.workers.items() if not alive()]
+        if dead:
+            return f"not alive: the {', '.join(dead)} thread died"
         stalled = time.monotonic() - self.last_loop
         if stalled > STALL_S:
             return f"not alive: the loop has not come round for {stalled:.0f} s"
@@ -105,9 +113,22 @@ class Status:
             self.output_problem = None
 
     def gauges(
-        self, lag: Tally[str], broker_problem: str | None, incidents_open: int, assigned: int
+        self,
+        lag: Tally[str],
+        broker_problem: str | None,
+        incidents_open: int,
+        assigned: int,
+        head_age_s: float,
     ) -> None:
         self.broker_problem = broker_problem
+        stalled = head_age_s > HEAD_STALL_S
+        if stalled and self.stall_problem is None:
+            log.error("the oldest batch in flight has waited %.0f s; not ready", head_age_s)
+        elif not stalled and self.stall_problem is not None:
+            log.info("the pipeline moves again")
+        self.stall_problem = (
+            f"the oldest batch in flight has waited {head_age_s:.0f} s" if stalled else None
+        )
         # Only the topics this member owns now: a stale figure for a topic whose partitions
         # moved to another member would be summed twice by an autoscaler.
         self.metrics.consumer_lag.clear()

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sdns_monitor.detector import Detector
+from sdns_monitor.errors import SdnsError
 from sdns_monitor.records import Alert
 from sdns_monitor.scoring import cannot_flag
 from sdns_monitor.settings import RunSettings
@@ -39,10 +40,11 @@ from sdns_monitor.stream.batch import Batch, decode_messages
 from sdns_monitor.stream.health import Status, StreamStats
 from sdns_monitor.stream.intake import Intake
 from sdns_monitor.stream.offsets import COMMIT_TIMEOUT_MS, HeadFailed, InFlight
-from sdns_monitor.stream.prometheus import HealthServer, Metrics
+from sdns_monitor.stream.prometheus import Metrics
 from sdns_monitor.stream.reload import Reloader
 from sdns_monitor.stream.routing import Models
 from sdns_monitor.stream.scorer import Scorer
+from sdns_monitor.stream.server import HealthServer
 
 log = logging.getLogger("sdns_monitor.stream")
 
@@ -78,6 +80,7 @@ class StreamMonitor:
         self.status = Status(self.inflight.joined, on_alert)
         self.status.metrics.set_models([(d.name, d.hash) for d in self.models.unique()])
         self.scorer = Scorer(settings, self.status.delivered, self.status.outputs_ok)
+        self.status.workers["scorer"] = self.scorer.alive
         self.reloader = Reloader(settings, self._load)
         self.health: HealthServer | None = None
         self._producer: kafka.Producer | None = None
@@ -236,6 +239,8 @@ class StreamMonitor:
         backoff, last_data, next_gauges = BACKOFF_S[0], time.monotonic(), 0.0
         while not stop.is_set():
             self.status.last_loop = now = time.monotonic()
+            if self.scorer.died is not None:  # a bug: stop, so that a supervisor restarts us
+                raise SdnsError(f"the scorer thread died: {self.scorer.died!r}")
             if now >= next_gauges:  # on every path of the loop, backpressure and retries too
                 self._gauges(consumer, watch)
                 next_gauges = now + GAUGES_EVERY_S
@@ -279,8 +284,9 @@ class StreamMonitor:
             return False
         for batch in done:
             self.status.delivered(batch)
-        if done and self.inflight.pending():
+        if done:
             self.status.outputs_recovered()
+        if (done or self.inflight.commit_due()) and self.inflight.pending():
             self.inflight.commit(consumer)
         return True
 
@@ -315,6 +321,7 @@ class StreamMonitor:
             watch.problem(consumer),
             self.scorer.incidents.open_count,
             self.inflight.assigned,
+            time.monotonic() - self.inflight.head.started if len(self.inflight) else 0.0,
         )
 
     def _swap_models(self) -> None:

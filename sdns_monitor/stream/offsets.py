@@ -15,6 +15,7 @@ import collections
 import contextlib
 import logging
 import threading
+import time
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, OffsetAndMetadata, TopicPartition
@@ -26,6 +27,7 @@ from sdns_monitor.stream.batch import Batch
 log = logging.getLogger("sdns_monitor.stream")
 
 COMMIT_TIMEOUT_MS = 5_000  # longest a commit (or the leave on close) may hold up the loop
+COMMIT_RETRY_S = 1.0  # a failed commit is tried again this soon, new batches or not
 
 
 class HeadFailed(Exception):
@@ -40,6 +42,7 @@ class InFlight:
         self._batches: collections.deque[Batch] = collections.deque()
         self._lock = threading.Lock()
         self._uncommitted: dict[TopicPartition, int] = {}  # next offset, delivered not committed
+        self._retry_commit_at: float | None = None  # after a failed commit
         self.joined = threading.Event()  # set once the consumer was assigned partitions
         self.assigned = 0  # partitions assigned at the last rebalance
 
@@ -96,7 +99,9 @@ class InFlight:
                 consumer.commit(offsets, timeout_ms=COMMIT_TIMEOUT_MS)
         except KafkaError as exc:
             log.warning("commit failed (%s); these frames may be scored again", exc)
+            self._retry_commit_at = time.monotonic() + COMMIT_RETRY_S
             return
+        self._retry_commit_at = None
         with self._lock:  # only this (the loop's) thread adds offsets: none came in meanwhile
             self._uncommitted.clear()
 
@@ -104,6 +109,10 @@ class InFlight:
         """Offsets settled but not yet committed."""
         with self._lock:
             return bool(self._uncommitted)
+
+    def commit_due(self) -> bool:
+        """A commit failed and its retry is due (whether or not new batches came)."""
+        return self._retry_commit_at is not None and time.monotonic() >= self._retry_commit_at
 
     def abandon(self, consumer: Any) -> list[Batch]:
         """Drop every batch in flight and seek the consumer back to their first offsets (of

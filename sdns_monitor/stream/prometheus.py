@@ -1,27 +1,16 @@
-"""Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoints of `run`.
+"""The Prometheus metrics of `run` (served by server.py at `/metrics`).
 
 Each `StreamMonitor` owns a `Metrics` with its own registry, so several monitors in one process
-(tests, a service embedding two) never share counters. `HealthServer` is a small threaded HTTP
-server from the standard library; it binds 127.0.0.1 unless told otherwise.
-
-- `/healthz`: 200 while the loop is making progress (it polled within `stall_s`), else 503.
-- `/readyz`: 200 once the model is loaded and the consumer has joined its group (even with no
-  partitions assigned), and while outputs are being delivered; 503 with the reason otherwise.
+(tests, a service embedding two) never share counters.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import threading
 import time
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-
-from sdns_monitor.errors import ConfigError
 
 log = logging.getLogger("sdns_monitor.metrics")
 
@@ -92,61 +81,3 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class HealthServer:
-    """Serves `/metrics`, `/healthz` and `/readyz` on a background thread."""
-
-    def __init__(
-        self,
-        metrics: Metrics,
-        alive: Callable[[], str | None],
-        ready: Callable[[], str | None],
-        host: str = "127.0.0.1",
-        port: int = 9108,
-    ) -> None:
-        """`alive` and `ready` return None when healthy, else the reason (served with 503)."""
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    self._send(200, metrics.exposition(), CONTENT_TYPE_LATEST)
-                elif path in ("/healthz", "/readyz"):
-                    problem = (alive if path == "/healthz" else ready)()
-                    body = b"ok\n" if problem is None else (problem + "\n").encode()
-                    self._send(200 if problem is None else 503, body, "text/plain; charset=utf-8")
-                else:
-                    self._send(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain")
-
-            def _send(self, code: int, body: bytes, content_type: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass  # probes every few seconds would flood the log
-
-        try:
-            self._server = ThreadingHTTPServer((host, port), Handler)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot serve metrics on {host}:{port} ({exc.strerror}); "
-                "choose another --metrics-port, 0 for a free one, or off"
-            ) from None
-        self._server.daemon_threads = True
-        self.host, self.port = host, self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="sdns-metrics", daemon=True
-        )
-
-    def start(self) -> HealthServer:
-        self._thread.start()
-        log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", self.host, self.port)
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()

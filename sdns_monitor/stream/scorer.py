@@ -58,6 +58,7 @@ class Scorer:
         self._lock = threading.Lock()
         self._queue: queue.Queue[Batch | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self.died: BaseException | None = None  # what killed the scoring thread, if anything
         self._log_throttle = Throttle(10.0)
 
     # ------------------------------------------------------------------ the thread
@@ -78,9 +79,17 @@ class Scorer:
             self._thread.join(timeout)
 
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """False once a started scoring thread has ended (died, or closed)."""
+        return self._thread is None or self._thread.is_alive()
 
     def _run(self, producer: Callable[[], Any]) -> None:
+        try:
+            self._score_queued(producer)
+        except BaseException as exc:  # the loop sees it and stops; /healthz fails meanwhile
+            self.died = exc
+            log.exception("the scorer thread died")
+
+    def _score_queued(self, producer: Callable[[], Any]) -> None:
         while True:
             try:
                 batch = self._queue.get(timeout=IDLE_S)
@@ -109,12 +118,15 @@ class Scorer:
         """Score one decoded batch synchronously and deliver every record it causes
         (acknowledged), or raise OutputError having changed nothing but the broker's topics."""
         with self._lock:
+            generation = self.generation
             self.score_batch(batch, producer)
         producer.flush()
         batch.scored.set()
         if not batch.delivered():
-            if batch.snapshot is not None:
-                with self._lock:
+            with self._lock:
+                # Unless the loop abandoned the batches in flight meanwhile: it restored the
+                # state from before all of them, which this batch's snapshot is not.
+                if batch.snapshot is not None and self.generation == generation:
                     self.incidents.restore(batch.snapshot)
             if isinstance(batch.error, OutputError) or batch.error is None:
                 raise OutputError(batch.failure())

@@ -3,14 +3,17 @@ dead-lettered, scored or named in a dead-letter reference, and the frames after 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sdns_monitor.broker import Broker
+from sdns_monitor.errors import SdnsError
 from sdns_monitor.stream import StreamMonitor
 from tests.integration.kafka_helpers import (
+    noise,
     png,
     produce,
     produce_doctored,
@@ -80,3 +83,27 @@ def test_a_record_the_client_cannot_parse_is_named_in_a_dead_letter_and_skipped(
     assert carried["sdns-source-topic"] == names["frames"].encode()
     assert carried["sdns-source-offset"] == b"1"
     assert carried["sdns-error-class"] == b"UnreadableRecord"
+
+
+@pytest.mark.integration
+def test_a_dead_scorer_thread_stops_run_instead_of_stalling_with_green_probes(
+    kafka_broker: Broker, tiny_bundle: Path
+) -> None:
+    names = topics(kafka_broker, "frames", "alerts", "scores")
+    produce(kafka_broker, names["frames"], [png(image) for image in noise(5, seed=3)])
+    settings = run_settings(kafka_broker, tiny_bundle, names, incident_window_s=60)
+    monitor = StreamMonitor(settings)
+
+    def bug(producer: object) -> None:  # a bug on the scorer's idle path
+        raise RuntimeError("bug while idle")
+
+    monitor.scorer._close_quiet_incidents = bug  # type: ignore[method-assign]
+    monitor.start()
+    try:
+        wait_for(lambda: monitor.error is not None, 30, "run to stop")
+    finally:
+        with contextlib.suppress(SdnsError):
+            monitor.stop()
+    assert isinstance(monitor.error, SdnsError)
+    assert "the scorer thread died: RuntimeError('bug while idle')" in str(monitor.error)
+    assert monitor.stats.frames == 5  # what was scored before stays delivered

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
 from sdns_monitor.errors import OutputError
+from sdns_monitor.stream import offsets
 from sdns_monitor.stream.batch import Batch
 from sdns_monitor.stream.offsets import HeadFailed, InFlight
 from tests.sdns_monitor.stream.fakes import Consumer, Future, Message
@@ -137,3 +140,20 @@ def test_the_pipeline_is_full_at_its_limit() -> None:
     assert not inflight.full()
     inflight.add(_batch((0, 1))[0])
     assert inflight.full()
+
+
+def test_a_failed_commit_is_due_again_without_new_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(offsets, "COMMIT_RETRY_S", 0.05)
+    consumer, inflight = Consumer(("frames", 0)), InFlight(limit=4)
+    batch, future = _batch((0, 0))
+    inflight.add(batch)
+    future.succeed()
+    inflight.settle()
+    consumer.fail_commits = KafkaError("coordinator moved")
+    inflight.commit(consumer)
+    assert not inflight.commit_due()  # not at once: the coordinator may need a moment
+    time.sleep(0.06)
+    assert inflight.commit_due()  # the loop commits again though nothing new was settled
+    consumer.fail_commits = None
+    inflight.commit(consumer)
+    assert consumer.commits == [{T0: 1}] and not inflight.commit_due()

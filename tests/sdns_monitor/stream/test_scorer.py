@@ -9,7 +9,7 @@ import pytest
 from kafka.errors import KafkaTimeoutError
 
 from sdns_monitor.errors import OutputError
-from sdns_monitor.stream.batch import Batch
+from sdns_monitor.stream.batch import Batch, Decoded
 from sdns_monitor.stream.scorer import Scorer
 from tests.sdns_monitor.stream.fakes import Detector, Message, Producer, batch, png, settings
 
@@ -144,3 +144,28 @@ def test_an_idle_scorer_closes_quiet_incidents() -> None:
     closing = json.loads(producer.to("sdns-alerts")[1].value)
     assert closing["incident_id"].startswith("cam-1@") and closing["frames"] == 1
     assert sum(b.incidents_closed for b in delivered) == 1
+
+
+class _AbandonDuringFlush(Producer):
+    """A producer whose records fail, and whose flush() lets the loop abandon the batches in
+    flight meanwhile (as `_retry_later` does on its thread while the scorer waits for acks)."""
+
+    def __init__(self, scorer: Scorer, failed: Batch) -> None:
+        super().__init__(refuse={"sdns-alerts"})
+        self.scorer, self.failed = scorer, failed
+
+    def flush(self, timeout: float | None = None) -> None:
+        self.scorer.abandon(self.failed)
+
+
+def test_an_idle_closing_that_fails_after_an_abandon_keeps_the_abandons_state() -> None:
+    scorer, _ = _scorer(incident_window_s=0.01)
+    first = batch([Message("frames", 0, 0, png(BRIGHT))])
+    scorer.score_batch(first, Producer())  # opens cam-1's incident; the batch then fails
+    threading.Event().wait(0.02)  # quiet for the window: the next batch closes the incident
+    closing = Batch.decoded_already([], None, scorer.generation, Decoded())
+    with pytest.raises(OutputError):
+        scorer.process(closing, _AbandonDuringFlush(scorer, first))
+    # The abandon rolled back to before `first`: no incident, so its retry alerts again. The
+    # closing's own snapshot (cam-1 open) must not be restored over it.
+    assert scorer.incidents.open_count == 0

@@ -1,0 +1,47 @@
+"""Readiness and liveness: what makes /readyz and /healthz fail."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+from sdns_monitor.stream.health import HEAD_STALL_S, Status
+
+
+def _joined() -> threading.Event:
+    joined = threading.Event()
+    joined.set()
+    return joined
+
+
+def test_a_dead_worker_thread_fails_liveness() -> None:
+    status = Status(_joined())
+    alive = [True]
+    status.workers["scorer"] = lambda: alive[0]
+    assert status.not_alive() is None
+    alive[0] = False
+    assert status.not_alive() == "not alive: the scorer thread died"
+
+
+def test_a_head_batch_older_than_the_bound_fails_readiness_until_it_moves() -> None:
+    status = Status(_joined())
+    status.gauges(Counter(), None, 0, 1, head_age_s=1.0)
+    assert status.not_ready() is None
+    status.gauges(Counter(), None, 0, 1, head_age_s=HEAD_STALL_S + 1)
+    assert (status.not_ready() or "").startswith("not ready: the oldest batch in flight has waited")
+    assert status.metrics.ready._value.get() == 0
+    status.gauges(Counter(), None, 0, 1, head_age_s=0.0)
+    assert status.not_ready() is None
+
+
+def test_readiness_names_the_first_problem() -> None:
+    joined = threading.Event()
+    status = Status(joined)
+    assert status.not_ready() == "not ready: the consumer has not joined its group yet"
+    joined.set()
+    status.output_failed("2 of 9 records were not delivered")
+    assert status.not_ready() == (
+        "not ready: outputs not delivered (2 of 9 records were not delivered)"
+    )
+    status.outputs_recovered()
+    assert status.not_ready() is None and status.stats.output_failures == 1
