@@ -10,7 +10,8 @@ A bundle is immutable once written: it is written to a temporary sibling and ren
 place, and every file's hash is checked on load, so a changed, missing or swapped file is
 refused before any weight is used. The bundle's identity (`Bundle.hash`) is the SHA-256 of its
 manifest, which covers the other files through their hashes. An optional Ed25519 signature
-over the manifest (`manifest.sig`, sdns_monitor.signing) proves who wrote it.
+over the manifest (`manifest.sig`, sdns_monitor.signing) proves who wrote it; once a public key
+is configured, every bundle must carry one.
 """
 
 from __future__ import annotations
@@ -289,8 +290,9 @@ def load_bundle(
 ) -> Bundle:
     """Read and verify a bundle. Raises BundleError on any problem, before weights are used.
 
-    With `public_key`, a signed bundle's signature must verify (sdns_monitor.signing) before
-    its manifest is even parsed; `require_signed` also refuses unsigned bundles.
+    With `public_key`, the bundle must carry a signature that verifies with it
+    (sdns_monitor.signing), checked before its manifest is even parsed: an unsigned bundle is
+    refused. `require_signed` states that explicitly; it needs `public_key`.
     """
     from sdns_monitor.signing import check_signature
 

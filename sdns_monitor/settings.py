@@ -244,7 +244,8 @@ class RunSettings(BaseModel):
         default=None,
         description="Where TensorRT engines are cached; unset: `$XDG_CACHE_HOME/sdns-monitor`, "
         "else `~/.cache/sdns-monitor`. Must be writable when `backend` is `tensorrt` (or "
-        "`auto` on a GPU with torch-tensorrt).",
+        "`auto` on a GPU with torch-tensorrt), and private to the service's user (no group or "
+        "other write bit; created owner-only when missing): a cached engine is unpickled.",
     )
     metrics_host: str = Field(
         default="127.0.0.1",
@@ -280,12 +281,14 @@ class RunSettings(BaseModel):
     )
     public_key: Path | None = Field(
         default=None,
-        description="Ed25519 public key (the `.pub` file of `sdns-monitor keygen`). A signed "
-        "bundle must verify with it; an unsigned one is accepted with a warning unless "
-        "`require_signed`.",
+        description="Ed25519 public key (the `.pub` file of `sdns-monitor keygen`). With it, "
+        "every bundle must be signed with the matching private key; an unsigned one is "
+        "refused, at start and on reload.",
     )
     require_signed: bool = Field(
-        default=False, description="Refuse unsigned bundles. Needs `public_key`."
+        default=False,
+        description="Refuse unsigned bundles: implied by `public_key`, so this only says so "
+        "explicitly. Needs `public_key`.",
     )
     session_timeout_ms: int = Field(
         default=45_000,

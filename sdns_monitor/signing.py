@@ -6,11 +6,15 @@ a public key the operator supplies, closes that gap:
 
     sdns-monitor keygen --out keys/                     # keys/sdns-signing.key (0600) + .pub
     sdns-monitor sign --model cam1.sdns --key keys/sdns-signing.key
-    sdns-monitor run --model cam1.sdns --public-key keys/sdns-signing.pub --require-signed
+    sdns-monitor run --model cam1.sdns --public-key keys/sdns-signing.pub
 
 The signature lives in `manifest.sig` inside the bundle. It is not listed in the manifest (it
 cannot be), so signing does not change the bundle's identity (`Bundle.hash`). It is checked
 before the manifest is parsed and before any other file is read.
+
+A configured public key makes signatures mandatory: an unsigned bundle is refused, since
+otherwise deleting `manifest.sig` would let an edited bundle through. `--require-signed` says
+the same explicitly (and still needs the key). Without a key nothing is checked.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -31,8 +34,6 @@ if TYPE_CHECKING:
         Ed25519PrivateKey,
         Ed25519PublicKey,
     )
-
-log = logging.getLogger(__name__)
 
 SIGNATURE = "manifest.sig"
 ALGORITHM = "ed25519"
@@ -143,13 +144,14 @@ def sign_bundle(path: Path, private_key: Path) -> str:
 
 
 def check_signature(
-    path: Path, manifest_bytes: bytes, public_key: Path | None, require_signed: bool
+    path: Path, manifest_bytes: bytes, public_key: Path | None, require_signed: bool = False
 ) -> str | None:
     """Check `path/manifest.sig` over `manifest_bytes`; returns the signer's key id, or None
-    for an unsigned bundle that is accepted (no --require-signed).
+    without `public_key` (nothing is checked then).
 
-    Raises BundleError for a bad or missing-but-required signature, ConfigError for
-    --require-signed without a key.
+    With `public_key` the bundle must be signed by it: raises BundleError for a missing, bad or
+    foreign signature. `require_signed` changes nothing beyond that, except that without a key
+    it is a ConfigError (there is nothing to check against).
     """
     if public_key is None:
         if require_signed:
@@ -159,13 +161,11 @@ def check_signature(
     expected = key_id(key)
     sig_path = Path(path) / SIGNATURE
     if not sig_path.is_file():
-        if require_signed:
-            raise BundleError(
-                f"{path} is not signed and --require-signed is set; sign it with "
-                f"`sdns-monitor sign --model {path} --key PRIVATE_KEY`"
-            )
-        log.warning("%s is not signed; accepted (add --require-signed to refuse)", path)
-        return None
+        raise BundleError(
+            f"{path} is not signed, and a public key is set ({public_key}): sign it with "
+            f"`sdns-monitor sign --model {path} --key PRIVATE_KEY`, or give no public key to "
+            "accept unsigned bundles"
+        )
     try:
         record = json.loads(sig_path.read_bytes())
         if record.get("algorithm") != ALGORITHM:

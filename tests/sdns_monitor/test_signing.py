@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import shutil
 import stat
 import subprocess
@@ -67,15 +66,63 @@ def test_signed_bundle_verifies_and_keeps_its_hash(bundle: Path, keys: tuple[Pat
     assert det.bundle.signed_by == kid
 
 
-def test_unsigned_bundle_is_accepted_with_a_warning_unless_required(
-    bundle: Path, keys: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+def test_with_a_public_key_an_unsigned_bundle_is_refused(
+    bundle: Path, keys: tuple[Path, Path]
 ) -> None:
     _, public = keys
-    with caplog.at_level(logging.WARNING, logger="sdns_monitor.signing"):
-        assert load_bundle(bundle, public_key=public).signed_by is None
-    assert "not signed" in caplog.text
-    with pytest.raises(BundleError, match="not signed and --require-signed"):
-        load_bundle(bundle, public_key=public, require_signed=True)
+    assert load_bundle(bundle).signed_by is None  # no key: signatures are not checked
+    for require_signed in (False, True):
+        with pytest.raises(BundleError, match="is not signed, and a public key is set") as info:
+            load_bundle(bundle, public_key=public, require_signed=require_signed)
+        assert "\n" not in str(info.value) and "sdns-monitor sign --model" in str(info.value)
+    with pytest.raises(BundleError, match="is not signed"):
+        Detector.load(bundle, public_key=public, device="cpu")
+
+
+def test_deleting_the_signature_of_an_edited_bundle_does_not_get_it_through(
+    bundle: Path, keys: tuple[Path, Path]
+) -> None:
+    """The attack: edit a signed bundle consistently, then remove the signature it breaks."""
+    private, public = keys
+    sign_bundle(bundle, private)
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["calibration"]["default_alarm_rate"] = 0.5
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    (bundle / SIGNATURE).unlink()
+    assert load_bundle(bundle).manifest.calibration.default_alarm_rate == 0.5
+    with pytest.raises(BundleError, match="not signed"):
+        load_bundle(bundle, public_key=public)
+
+
+def test_rolling_back_a_symlink_to_an_older_signed_bundle_loads_it(
+    bundle: Path, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    private, public = keys
+    old = bundle
+    new = Path(shutil.copytree(old, tmp_path / "b-v2.sdns"))
+    manifest = json.loads((new / MANIFEST).read_text())
+    manifest["name"] = "v2"
+    (new / MANIFEST).write_text(json.dumps(manifest))
+    for b in (old, new):
+        sign_bundle(b, private)
+    current = tmp_path / "current"
+
+    def point_at(target: Path) -> None:  # the atomic swap of docs/operations.md
+        (tmp_path / "current.new").symlink_to(target.name)
+        (tmp_path / "current.new").replace(current)
+
+    hashes = []
+    for target in (old, new, old):
+        point_at(target)
+        loaded = load_bundle(current, public_key=public)
+        assert loaded.signed_by == key_id(load_public_key(public))
+        hashes.append(loaded.hash)
+    assert hashes[0] == hashes[2] != hashes[1]
+    unsigned = Path(shutil.copytree(old, tmp_path / "b-unsigned.sdns"))
+    (unsigned / SIGNATURE).unlink()
+    point_at(unsigned)
+    with pytest.raises(BundleError, match="not signed"):
+        load_bundle(current, public_key=public)
 
 
 def test_require_signed_without_a_key_is_a_config_error(bundle: Path) -> None:
@@ -190,9 +237,10 @@ def test_cli_keygen_sign_info_round_trip(bundle: Path, tmp_path: Path) -> None:
     public = keydir / PUBLIC_NAME
     info = json.loads(_cli("info", "--model", str(bundle)).stdout)
     assert info["signature"] == "unsigned"
-    refused = _cli("info", "--model", str(bundle), "--public-key", str(public), "--require-signed")
-    assert refused.returncode == 1
-    assert len(refused.stderr.strip().splitlines()) == 1 and "not signed" in refused.stderr
+    for extra in ((), ("--require-signed",)):
+        refused = _cli("info", "--model", str(bundle), "--public-key", str(public), *extra)
+        assert refused.returncode == 1
+        assert len(refused.stderr.strip().splitlines()) == 1 and "not signed" in refused.stderr
     signed = _cli("sign", "--model", str(bundle), "--key", str(keydir / PRIVATE_NAME))
     assert signed.returncode == 0, signed.stderr
     info = json.loads(_cli("info", "--model", str(bundle), "--public-key", str(public)).stdout)
