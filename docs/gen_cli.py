@@ -33,7 +33,7 @@ combination of options and 1 for anything else (unreadable data, a refused bundl
 
 
 RUN_NOTE = (
-    "The defaults below are those of `RunSettings` (sdns_monitor/settings.py), which apply "
+    "The defaults below are those of `RunSettings` (sdns_monitor/settings/run.py), which apply "
     "when neither the option, its environment variable nor the config file sets a value. "
     "`--model` and one of `--topic` / `--topic-pattern` must come from one of the three. "
     "What each setting does, and the settings that have no option (passwords, `routes`): "

@@ -1,5 +1,5 @@
 """Write the tables of docs/configuration.md, one row per setting of `sdns-monitor run`, from the
-settings models (sdns_monitor/settings.py) and the real `run` command, so that they cannot drift.
+settings models (sdns_monitor/settings/run.py) and the real `run` command, so that they cannot drift.
 
     python docs/gen_config.py            # rewrite the tables in docs/configuration.md
     python docs/gen_config.py --check    # exit 1 if they are not what the code says

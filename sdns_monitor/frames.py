@@ -9,7 +9,12 @@ dead-letter record. Inputs come from the network, so nothing here trusts them:
 - `.npy` payloads are read with `allow_pickle=False` after their header has been checked, so an
   object array is refused before any of its bytes are unpickled.
 - Image dimensions are checked against `max_pixels` from the header, before pixel data is
-  decoded, so a small file that claims to be 100000 x 100000 never allocates.
+  decoded, so a small file that claims to be 100000 x 100000 never allocates; an `.npy`
+  batch's frame count against `max_frames`, before its data is read.
+- With `min_size` (the model's input side), a JPEG is decoded at the smallest of PIL's DCT
+  scales (1/2, 1/4, 1/8: `Image.draft`) that keeps both sides at least twice `min_size`, and
+  the pixel cap applies to that size: a 4K frame for a 64 px model decodes at 1/8, in a
+  fraction of the time and memory, and the resize to the model's input does the rest.
 - Truncated images are errors (PIL's `LOAD_TRUNCATED_IMAGES` is left off): a half-received
   frame would otherwise be scored as a grey-bottomed image and raise a false alarm.
 
@@ -74,6 +79,8 @@ def decode_bytes(
     content_type: str | None = None,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_frames: int | None = None,
+    min_size: int | None = None,
 ) -> np.ndarray:
     """Decode encoded image bytes (JPEG, PNG, WebP, GIF) or an `.npy` array to uint8 frames.
 
@@ -81,9 +88,13 @@ def decode_bytes(
     `.npy` batch. The format is sniffed from the bytes; `content_type` (the message's
     `content-type` header) is used only to make the error message more helpful.
 
+    `max_frames` caps the frames of an `.npy` batch; `min_size` lets a JPEG decode at reduced
+    size (see the module docstring).
+
     Raises:
         FrameError: empty, unrecognised, truncated or corrupt bytes; a frame larger than
-            `max_pixels`; an `.npy` array of a refused dtype or an ambiguous shape.
+            `max_pixels`; an `.npy` array of a refused dtype, an ambiguous shape or more than
+            `max_frames` frames.
     """
     if max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
@@ -91,7 +102,7 @@ def decode_bytes(
     if not data:
         raise FrameError("empty message value: send JPEG, PNG, WebP or .npy bytes")
     if data.startswith(_NPY_MAGIC):
-        return _decode_npy(data, max_pixels)
+        return _decode_npy(data, max_pixels, max_frames)
     fmt = _sniff_image(data)
     if fmt is None:
         hint = f" (content-type says {content_type!r})" if content_type else ""
@@ -99,7 +110,7 @@ def decode_bytes(
             f"unrecognised frame format{hint}, first bytes {data[:8]!r}: "
             "send JPEG, PNG, WebP or .npy bytes"
         )
-    return _decode_image(data, fmt, max_pixels)
+    return _decode_image(data, fmt, max_pixels, min_size)
 
 
 def from_array(array: np.ndarray) -> np.ndarray:
@@ -172,10 +183,13 @@ def _sniff_image(data: bytes) -> str | None:
     return None
 
 
-def _decode_image(data: bytes, fmt: str, max_pixels: int) -> np.ndarray:
+def _decode_image(data: bytes, fmt: str, max_pixels: int, min_size: int | None) -> np.ndarray:
     """Open with PIL (header only), check the size, then decode the pixels."""
     try:
         with Image.open(io.BytesIO(data), formats=[fmt]) as image:
+            if fmt == "JPEG" and min_size is not None:
+                # The DCT scale that keeps both sides >= 2 x min_size (or none at all).
+                image.draft(image.mode, (2 * min_size, 2 * min_size))
             # Image.open has parsed the header only; refuse large frames before load().
             width, height = image.size
             if width * height > max_pixels:
@@ -203,7 +217,7 @@ def _decode_image(data: bytes, fmt: str, max_pixels: int) -> np.ndarray:
         ) from exc
 
 
-def _decode_npy(data: bytes, max_pixels: int) -> np.ndarray:
+def _decode_npy(data: bytes, max_pixels: int, max_frames: int | None) -> np.ndarray:
     """Read an .npy payload: check the header (dtype, shape, length) before the data."""
     fp = io.BytesIO(data)
     try:
@@ -225,6 +239,11 @@ def _decode_npy(data: bytes, max_pixels: int) -> np.ndarray:
 
     _check_dtype(dtype)
     n, h, w, _ = _layout(tuple(shape))
+    if max_frames is not None and n > max_frames:
+        raise FrameError(
+            f".npy array of shape {tuple(shape)} holds {n} frames, more than "
+            f"max_frames_per_message={max_frames}: send fewer frames per message"
+        )
     if n * h * w > max_pixels:
         raise FrameError(
             f".npy array of shape {tuple(shape)} holds {n * h * w} pixels, more than "

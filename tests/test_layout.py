@@ -35,5 +35,5 @@ def test_the_architecture_page_names_every_module() -> None:
         if f"`{p.name}`" not in ARCHITECTURE
     ]
     assert missing == [], f"docs/architecture.md does not describe {missing}"
-    for folder in ("data/", "report/", "cli/", "stream/"):
+    for folder in ("data/", "report/", "cli/", "stream/", "settings/"):
         assert f"`{folder}`" in ARCHITECTURE

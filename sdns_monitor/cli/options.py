@@ -1,7 +1,7 @@
 """The model-loading options several commands share, and the one path by which a command loads
 a model.
 
-Their help comes from the `run` settings of the same name (sdns_monitor/settings.py), so each
+Their help comes from the `run` settings of the same name (sdns_monitor/settings/run.py), so each
 is explained once; each command keeps its own default (eval and score load eager, export
 builds TensorRT, run takes RunSettings').
 """

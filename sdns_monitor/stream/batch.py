@@ -20,8 +20,25 @@ from sdns_monitor.detector import Detector
 from sdns_monitor.errors import FrameError, UnreadableRecord
 from sdns_monitor.frames import decode_bytes
 from sdns_monitor.records import Alert, Source, encode_key
+from sdns_monitor.settings import RunSettings
 from sdns_monitor.stream.intake import UnreadableMessage
 from sdns_monitor.stream.routing import Models
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one message may cost to decode (RunSettings' limits)."""
+
+    max_frame_bytes: int = 16 * 1024 * 1024
+    max_pixels: int = 3840 * 2160
+    max_frames: int = 256
+    reduced_jpeg: bool = True  # decode JPEG at the smallest DCT scale the model input allows
+
+    @classmethod
+    def of(cls, s: RunSettings) -> DecodeLimits:
+        return cls(
+            s.max_frame_bytes, s.max_pixels, s.max_frames_per_message, not s.full_jpeg_decode
+        )
 
 
 @dataclass
@@ -67,6 +84,18 @@ class Batch:
     incidents_closed: int = 0
     closed_ids: list[str] = field(default_factory=list)
 
+    @property
+    def nbytes(self) -> int:
+        """The message bytes (values) of the batch."""
+        return sum(len(m.value) for m in self.messages if m.value is not None)
+
+    @property
+    def nframes(self) -> int:
+        """Its frames, once decoded (0 before)."""
+        if self.decoded is None or not self.decoded.done() or self.decoded.exception():
+            return 0
+        return len(self.decoded.result().frames)
+
     @classmethod
     def decoded_already(
         cls, messages: list[Any], models: Models | None, generation: int, decoded: Decoded
@@ -100,7 +129,7 @@ class Batch:
         return next(m for m in self.messages if (m.topic, m.partition, m.offset) == where)
 
 
-def decode_messages(messages: list[Any], models: Models, max_frame_bytes: int) -> Decoded:
+def decode_messages(messages: list[Any], models: Models, limits: DecodeLimits) -> Decoded:
     """On a decoder thread: frames prepared for the model of their key, and the messages that
     cannot be decoded (they become dead letters)."""
     out = Decoded()
@@ -118,7 +147,8 @@ def decode_messages(messages: list[Any], models: Models, max_frame_bytes: int) -
         try:
             if isinstance(m, UnreadableMessage):
                 raise UnreadableRecord(m.error)
-            images = detector.prepare(decode_value(m, max_frame_bytes))
+            min_size = detector.manifest.input.size if limits.reduced_jpeg else None
+            images = detector.prepare(decode_value(m, limits, min_size))
         except Exception as exc:  # whatever one message does, it is that message's dead letter
             out.undecodable.append(Undecodable(m, exc, Source(**base)))
             continue
@@ -128,15 +158,20 @@ def decode_messages(messages: list[Any], models: Models, max_frame_bytes: int) -
     return out
 
 
-def decode_value(message: Any, max_frame_bytes: int) -> np.ndarray:
+def decode_value(message: Any, limits: DecodeLimits, min_size: int | None = None) -> np.ndarray:
     """A message value as an image array (or a batch of them); FrameError says why not."""
     value = message.value
     if value is None or len(value) == 0:
         raise FrameError("empty message value: send encoded image bytes or an .npy array")
-    if len(value) > max_frame_bytes:
+    if len(value) > limits.max_frame_bytes:
         raise FrameError(
-            f"message of {len(value)} bytes exceeds --max-frame-bytes {max_frame_bytes}"
+            f"message of {len(value)} bytes exceeds --max-frame-bytes {limits.max_frame_bytes}"
         )
-    headers = dict(message.headers or [])
-    content_type = headers.get("content-type")
-    return decode_bytes(value, content_type.decode("latin-1") if content_type else None)
+    content_type = next((v for k, v in message.headers or [] if k == "content-type"), None)
+    return decode_bytes(
+        value,
+        content_type.decode("latin-1") if content_type else None,
+        max_pixels=limits.max_pixels,
+        max_frames=limits.max_frames,
+        min_size=min_size,
+    )

@@ -36,7 +36,7 @@ from sdns_monitor.records import Alert
 from sdns_monitor.scoring import cannot_flag
 from sdns_monitor.settings import RunSettings
 from sdns_monitor.stream import kafka
-from sdns_monitor.stream.batch import Batch, decode_messages
+from sdns_monitor.stream.batch import Batch, DecodeLimits, decode_messages
 from sdns_monitor.stream.health import Status, StreamStats
 from sdns_monitor.stream.intake import Intake
 from sdns_monitor.stream.offsets import COMMIT_TIMEOUT_MS, HeadFailed, InFlight
@@ -76,7 +76,10 @@ class StreamMonitor:
         reuse = None if detector is None else Models(detector)
         changed: set[Path] | None = None if detector is None else set()
         self.models = Models.load(settings.model, settings.routes, self._load, reuse, changed)
-        self.inflight = InFlight(settings.queue_batches)
+        self.limits = DecodeLimits.of(settings)
+        self.inflight = InFlight(
+            settings.queue_batches, settings.max_inflight_bytes, settings.max_inflight_frames
+        )
         self.status = Status(self.inflight.joined, on_alert)
         self.status.metrics.set_models([(d.name, d.hash) for d in self.models.unique()])
         self.scorer = Scorer(settings, self.status.delivered, self.status.outputs_ok)
@@ -183,7 +186,7 @@ class StreamMonitor:
         """Score one micro-batch synchronously and deliver every record it causes
         (acknowledged), or raise OutputError having changed nothing but the broker's topics.
         For embedding without a consumer; `run` pipelines the same steps."""
-        decoded = decode_messages(messages, self.models, self.settings.max_frame_bytes)
+        decoded = decode_messages(messages, self.models, self.limits)
         batch = Batch.decoded_already(messages, self.models, self.scorer.generation, decoded)
         self.scorer.process(batch, producer)
 
@@ -269,9 +272,7 @@ class StreamMonitor:
         if not messages:
             return
         batch = Batch(messages, self.models, self.scorer.generation)
-        batch.decoded = decoders.submit(
-            decode_messages, messages, self.models, self.settings.max_frame_bytes
-        )
+        batch.decoded = decoders.submit(decode_messages, messages, self.models, self.limits)
         self.inflight.add(batch)
         self.scorer.submit(batch)
 

@@ -37,8 +37,11 @@ class HeadFailed(Exception):
 class InFlight:
     """Consumed batches, oldest first, until they are committed."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit  # beyond this many batches the consumer pauses (backpressure)
+    def __init__(
+        self, limit: int, max_bytes: int | None = None, max_frames: int | None = None
+    ) -> None:
+        # Beyond this many batches, message bytes or decoded frames the consumer pauses.
+        self.limit, self.max_bytes, self.max_frames = limit, max_bytes, max_frames
         self._batches: collections.deque[Batch] = collections.deque()
         self._lock = threading.Lock()
         self._uncommitted: dict[TopicPartition, int] = {}  # next offset, delivered not committed
@@ -50,7 +53,14 @@ class InFlight:
         return len(self._batches)
 
     def full(self) -> bool:
-        return len(self._batches) >= self.limit
+        """Whether the consumer should pause (backpressure)."""
+        if len(self._batches) >= self.limit:
+            return True
+        if self.max_bytes is not None and sum(b.nbytes for b in self._batches) >= self.max_bytes:
+            return True
+        return self.max_frames is not None and (
+            sum(b.nframes for b in self._batches) >= self.max_frames
+        )
 
     @property
     def head(self) -> Batch:

@@ -4,10 +4,12 @@ dead-lettered, scored or named in a dead-letter reference, and the frames after 
 from __future__ import annotations
 
 import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from sdns_monitor.broker import Broker
 from sdns_monitor.errors import SdnsError
@@ -107,3 +109,27 @@ def test_a_dead_scorer_thread_stops_run_instead_of_stalling_with_green_probes(
     assert isinstance(monitor.error, SdnsError)
     assert "the scorer thread died: RuntimeError('bug while idle')" in str(monitor.error)
     assert monitor.stats.frames == 5  # what was scored before stays delivered
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+@pytest.mark.integration
+def test_decompression_bombs_and_frame_floods_are_refused_before_they_cost_memory(
+    kafka_broker: Broker, tiny_bundle: Path, fashion_test: np.ndarray
+) -> None:
+    names = topics(kafka_broker, "frames", "dlq", "scores")
+    bomb = io.BytesIO()
+    Image.new("RGBA", (8000, 8000)).save(bomb, "PNG")  # 250 KB; 1.2 GiB at peak to decode
+    flood = _npy(np.zeros((20_000, 1, 1, 1), np.uint8))  # 20 KB; 20,000 frames
+    produce(kafka_broker, names["frames"], [bomb.getvalue(), flood, png(fashion_test[0])])
+    monitor = StreamMonitor(run_settings(kafka_broker, tiny_bundle, names))
+    _run_until(monitor, 1)
+    assert monitor.error is None and monitor.stats.frames == 1
+    reasons = [dict(m.headers)["sdns-error"] for m in read_all(kafka_broker, names["dlq"], 2)]
+    assert b"8000 x 8000 pixels exceeds max_pixels=8294400" in reasons[0]
+    assert b"holds 20000 frames, more than max_frames_per_message=256" in reasons[1]
+    assert len(read_all(kafka_broker, names["scores"], 2, timeout_ms=2000)) == 1

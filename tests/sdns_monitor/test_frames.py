@@ -15,6 +15,7 @@ from PIL import Image, features
 
 from sdns_monitor.errors import FrameError
 from sdns_monitor.frames import decode_bytes, from_array, from_pil
+from sdns_monitor.preprocess import prepare_uint8
 
 RNG = np.random.default_rng(1234)
 
@@ -499,3 +500,58 @@ def test_pil_rgb_is_one_frame_batch() -> None:
     out = from_pil(Image.fromarray(pixels))
     assert out.shape == (1, 3, 4, 3) and out.flags.c_contiguous
     np.testing.assert_array_equal(out[0], pixels)
+
+
+# --- resource bounds of hostile input ------------------------------------------------------
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def test_an_npy_of_many_tiny_frames_is_refused_from_its_header() -> None:
+    payload = _npy_bytes(np.zeros((20_000, 1, 1, 1), np.uint8))  # 20 KB, 20,000 frames
+    with pytest.raises(
+        FrameError, match="holds 20000 frames, more than max_frames_per_message=256"
+    ):
+        decode_bytes(payload, max_frames=256)
+    assert decode_bytes(payload).shape == (20_000, 1, 1, 1)  # the library's own default: no cap
+
+
+def test_a_small_png_claiming_a_huge_image_is_refused_before_decoding() -> None:
+    buf = io.BytesIO()
+    Image.new("RGBA", (8000, 8000)).save(buf, "PNG")  # about 250 KB, 256 MB decoded
+    data = buf.getvalue()
+    assert len(data) < 300_000
+    with pytest.raises(FrameError, match="8000 x 8000 pixels exceeds max_pixels=8294400"):
+        decode_bytes(data, max_pixels=3840 * 2160)
+
+
+def _jpeg(width: int, height: int) -> bytes:
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_a_jpeg_decodes_at_the_smallest_dct_scale_the_model_input_allows() -> None:
+    data = _jpeg(1920, 1080)
+    assert decode_bytes(data).shape == (1, 1080, 1920, 3)
+    assert decode_bytes(data, min_size=64).shape == (1, 135, 240, 3)  # 1/8: 135 >= 2 x 64
+    assert decode_bytes(data, min_size=100).shape == (1, 270, 480, 3)  # 1/4
+    assert decode_bytes(data, min_size=600).shape == (1, 1080, 1920, 3)  # no scale allows it
+    # Once resized to the model's input, reduced and full decoding agree closely.
+    full = prepare_uint8(decode_bytes(data), 64, 3).astype(int)
+    reduced = prepare_uint8(decode_bytes(data, min_size=64), 64, 3).astype(int)
+    assert np.abs(full - reduced).mean() < 1.0
+
+
+def test_the_pixel_cap_of_a_jpeg_applies_at_the_size_it_decodes_at() -> None:
+    data = _jpeg(4096, 4096)  # 16.8 M pixels: over a 4K frame's 8.3 M
+    with pytest.raises(FrameError, match="exceeds max_pixels"):
+        decode_bytes(data, max_pixels=3840 * 2160)
+    assert decode_bytes(data, max_pixels=3840 * 2160, min_size=64).shape == (1, 512, 512, 3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from PIL import Image
 
 from sdns_monitor.scoring import ScoreResult
 from sdns_monitor.settings import RunSettings
-from sdns_monitor.stream.batch import Batch, decode_messages
+from sdns_monitor.stream.batch import Batch, DecodeLimits, decode_messages
 from sdns_monitor.stream.routing import Models
 
 
@@ -131,6 +132,7 @@ class Detector:
 
     name = "fake"
     hash = "f" * 64
+    manifest = SimpleNamespace(input=SimpleNamespace(size=4))  # the model's input side
 
     def __init__(self, fail_on: float | None = None) -> None:
         self.calibration = np.linspace(0.0, 0.99, 100)
@@ -177,5 +179,5 @@ def models(detector: Any = None) -> Models:
 def batch(messages: list[Message], generation: int = 0, detector: Any = None) -> Batch:
     """A batch decoded on this thread."""
     m = models(detector)
-    decoded = decode_messages(messages, m, max_frame_bytes=1 << 20)
+    decoded = decode_messages(messages, m, DecodeLimits(max_frame_bytes=1 << 20))
     return Batch.decoded_already(messages, m, generation, decoded)

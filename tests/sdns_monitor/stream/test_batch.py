@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 
-from sdns_monitor.stream.batch import Batch, decode_messages
-from tests.sdns_monitor.stream.fakes import Future, Message, models, png
+from sdns_monitor.stream import batch as batch_module
+from sdns_monitor.stream.batch import Batch, DecodeLimits, decode_messages
+from tests.sdns_monitor.stream.fakes import Future, Message, models, png, settings
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -24,7 +26,7 @@ def test_frames_keep_where_they_came_from_and_bad_messages_say_why() -> None:
         Message("frames", 1, 12, _npy(stack), key=b"\xff\xfe"),  # a key that is not UTF-8
         Message("frames", 1, 13, b"x" * 1001, key=None),
     ]
-    decoded = decode_messages(messages, models(), max_frame_bytes=1000)
+    decoded = decode_messages(messages, models(), DecodeLimits(max_frame_bytes=1000))
     assert [(f.source.offset, f.source.frame_index) for f in decoded.frames] == [
         (10, 0),
         (12, 0),
@@ -43,7 +45,7 @@ def test_frames_keep_where_they_came_from_and_bad_messages_say_why() -> None:
 
 def test_the_content_type_header_is_named_when_the_bytes_are_no_image() -> None:
     message = Message("frames", 0, 0, b"hello", headers=[("content-type", b"image/jpeg")])
-    (bad,) = decode_messages([message], models(), max_frame_bytes=1 << 20).undecodable
+    (bad,) = decode_messages([message], models(), DecodeLimits()).undecodable
     assert "content-type says 'image/jpeg'" in str(bad.error)
 
 
@@ -60,3 +62,27 @@ def test_a_batch_is_delivered_once_scored_and_every_record_acknowledged() -> Non
     second.fail("too large")
     assert batch.delivered() is False
     assert batch.failure() == "1 of 2 records were not delivered (KafkaError: too large)"
+
+
+def test_whatever_one_message_raises_is_that_messages_dead_letter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def exhausted(*args: object, **kwargs: object) -> np.ndarray:
+        raise MemoryError("decoding needed 1.2 GiB")
+
+    monkeypatch.setattr(batch_module, "decode_bytes", exhausted)
+    messages = [Message("frames", 0, 0, png(1)), Message("frames", 0, 1, png(2))]
+    decoded = decode_messages(messages, models(), DecodeLimits())
+    assert [type(bad.error).__name__ for bad in decoded.undecodable] == ["MemoryError"] * 2
+    assert decoded.frames == []
+
+
+def test_limits_come_from_the_settings_and_reach_the_decoder() -> None:
+    limits = DecodeLimits.of(settings(max_pixels=100, max_frames_per_message=2))
+    assert (limits.max_pixels, limits.max_frames, limits.reduced_jpeg) == (100, 2, True)
+    big = Message("frames", 0, 0, png(1, size=11))  # 121 pixels
+    many = Message("frames", 0, 1, _npy(np.zeros((3, 2, 2, 1), np.uint8)))
+    reasons = [str(b.error) for b in decode_messages([big, many], models(), limits).undecodable]
+    assert "exceeds max_pixels=100" in reasons[0]
+    assert "more than max_frames_per_message=2" in reasons[1]
+    assert not DecodeLimits.of(settings(full_jpeg_decode=True)).reduced_jpeg

@@ -12,7 +12,8 @@ from sdns_monitor.errors import OutputError
 from sdns_monitor.stream import offsets
 from sdns_monitor.stream.batch import Batch
 from sdns_monitor.stream.offsets import HeadFailed, InFlight
-from tests.sdns_monitor.stream.fakes import Consumer, Future, Message
+from tests.sdns_monitor.stream.fakes import Consumer, Future, Message, png
+from tests.sdns_monitor.stream.fakes import batch as fake_batch
 
 T0, T1 = TopicPartition("frames", 0), TopicPartition("frames", 1)
 
@@ -157,3 +158,18 @@ def test_a_failed_commit_is_due_again_without_new_batches(monkeypatch: pytest.Mo
     consumer.fail_commits = None
     inflight.commit(consumer)
     assert consumer.commits == [{T0: 1}] and not inflight.commit_due()
+
+
+def test_the_pipeline_is_full_by_bytes_or_by_frames_too() -> None:
+    by_bytes = InFlight(limit=64, max_bytes=10)
+    batch, _ = _batch((0, 0))  # one message of 1 byte
+    by_bytes.add(batch)
+    assert not by_bytes.full()
+    big = Batch([Message("frames", 0, 1, b"x" * 9)], models=None, generation=0)
+    by_bytes.add(big)
+    assert by_bytes.full()  # 10 bytes consumed, not committed
+
+    by_frames = InFlight(limit=64, max_frames=3)
+    decoded = fake_batch([Message("frames", 0, i, png(1)) for i in range(3)])
+    by_frames.add(decoded)
+    assert decoded.nframes == 3 and by_frames.full()

@@ -1,139 +1,29 @@
-"""Settings of `sdns-monitor run`: command-line options, `SDNS_<NAME>` environment variables and
-a config file (`--config FILE`, TOML or JSON), validated once by pydantic.
-
-Precedence: command line > environment > config file > defaults. Every problem is one
-`ConfigError` line naming the setting and its source. Secrets are `SecretStr`: they never
-appear in reprs or logs.
-
-These models are the one source of the settings: `run`'s options (sdns_monitor/cli/run.py) and
-docs/configuration.md (docs/gen_config.py) are generated from their fields, each field's
-`description` being both its option's help and its documentation.
-"""
+"""`RunSettings`: every setting of `sdns-monitor run`, one field each; the field's description
+is its option's help and its row in docs/configuration.md."""
 
 from __future__ import annotations
 
-import json
 import re
-import tomllib
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic.fields import FieldInfo
 
-from sdns_monitor.errors import ConfigError, first_problem
+from sdns_monitor.settings.kafka import KafkaSecurity
+from sdns_monitor.settings.routes import Route
 
-ENV_PREFIX = "SDNS_"
 _TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
 # The choices of Detector's `score` and of sdns_monitor.backends, spelled here so that settings
 # (and the command line) load without torch.
 ScoreName = Literal["auto", "sdns", "combined"]
 BackendName = Literal["auto", "eager", "compile", "tensorrt"]
-
-
-class KafkaSecurity(BaseModel):
-    """Client security, passed through to the Kafka client (kafka-python's option names)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
-        default="PLAINTEXT",
-        description="`PLAINTEXT`, `SSL` (TLS), `SASL_PLAINTEXT` (SASL authentication) or "
-        "`SASL_SSL` (SASL over TLS).",
-    )
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
-        default=None,
-        description="`PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`; required with the `SASL_*` "
-        "protocols, refused without them. `OAUTHBEARER` is not supported (the Kafka client "
-        "needs a token provider object, which a setting cannot give).",
-    )
-    sasl_plain_username: str | None = Field(
-        default=None, description="SASL user name (PLAIN and SCRAM)."
-    )
-    sasl_plain_password: SecretStr | None = Field(
-        default=None,
-        description="SASL password: environment or config file only, never a command-line option.",
-    )
-    ssl_cafile: Path | None = Field(
-        default=None, description="CA certificate(s) that signed the brokers' certificates (PEM)."
-    )
-    ssl_certfile: Path | None = Field(
-        default=None, description="Client certificate, for mutual TLS (PEM)."
-    )
-    ssl_keyfile: Path | None = Field(
-        default=None, description="Client private key, for mutual TLS (PEM)."
-    )
-    ssl_password: SecretStr | None = Field(
-        default=None, description="Password of `ssl_keyfile`: environment or config file only."
-    )
-
-    @model_validator(mode="after")
-    def _consistent(self) -> KafkaSecurity:
-        sasl = self.security_protocol.startswith("SASL")
-        if sasl and self.sasl_mechanism is None:
-            raise ValueError(f"security_protocol {self.security_protocol} needs a sasl_mechanism")
-        if sasl and (not self.sasl_plain_username or self.sasl_plain_password is None):
-            raise ValueError(
-                f"sasl_mechanism {self.sasl_mechanism} needs sasl_plain_username and "
-                "sasl_plain_password"
-            )
-        if not sasl and self.sasl_mechanism is not None:
-            raise ValueError(
-                "sasl_mechanism is set but security_protocol is not SASL_PLAINTEXT or SASL_SSL"
-            )
-        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                raise ValueError(f"{name} {path} is not a readable file")
-        return self
-
-    def client_options(self) -> dict[str, Any]:
-        """Keyword arguments for kafka-python clients (secrets revealed only here)."""
-        out: dict[str, Any] = {"security_protocol": self.security_protocol}
-        for key, value in self.model_dump(exclude_none=True).items():
-            if key == "security_protocol":
-                continue
-            out[key] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
-        return out
-
-
-class Route(BaseModel):
-    """Keys (exact, or a regex over the whole key) scored by the bundle at `model`
-    (sdns_monitor.routing)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: Path
-    keys: list[str] = []
-    key_pattern: str | None = None
-
-    @model_validator(mode="after")
-    def _something_to_match(self) -> Route:
-        if not self.keys and self.key_pattern is None:
-            raise ValueError(f"the route to {self.model} needs keys or a key_pattern")
-        if self.key_pattern is not None:
-            try:
-                re.compile(self.key_pattern)
-            except re.error as exc:
-                raise ValueError(
-                    f"key_pattern {self.key_pattern!r} is not a regex: {exc}"
-                ) from None
-        return self
-
-    def matches(self, key: str) -> bool:
-        if key in self.keys:
-            return True
-        return self.key_pattern is not None and re.fullmatch(self.key_pattern, key) is not None
 
 
 class RunSettings(BaseModel):
@@ -224,6 +114,39 @@ class RunSettings(BaseModel):
         ge=1,
         description="Larger messages go to the dead-letter topic (without their value). Also "
         "sizes the consumer's fetches and the producer's request limit.",
+    )
+    max_pixels: int = Field(
+        default=3840 * 2160,
+        ge=1,
+        description="Largest frame a message may hold, in pixels (width x height, summed over "
+        "the frames of an `.npy` batch); the default is a 4K camera frame. Checked from the "
+        "image header before any pixel is decoded (a JPEG at the reduced size it decodes at), "
+        "so a small file claiming a huge image never allocates; larger ones are dead letters.",
+    )
+    max_frames_per_message: int = Field(
+        default=256,
+        ge=1,
+        description="Most frames one `.npy` message may hold; more is a dead letter, refused "
+        "from the array's header before its data is read.",
+    )
+    max_inflight_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1,
+        description="Message bytes consumed but not committed; beyond that the consumer pauses, "
+        "as it does beyond `queue_batches`.",
+    )
+    max_inflight_frames: int = Field(
+        default=4096,
+        ge=1,
+        description="Decoded frames consumed but not committed; beyond that the consumer "
+        "pauses, as it does beyond `queue_batches`.",
+    )
+    full_jpeg_decode: bool = Field(
+        default=False,
+        description="Decode every JPEG at full size. Off, a JPEG is decoded at the smallest of "
+        "its DCT scales (1/2, 1/4, 1/8) that keeps both sides at least twice the model's "
+        "input size: a 1080p frame for a 64 px model decodes at 1/8, about 4x faster, within "
+        "half a grey level of a full decode once resized.",
     )
     device: str = Field(  # checked when the model loads
         "auto",
@@ -360,94 +283,3 @@ class RunSettings(BaseModel):
                     "narrow the pattern or rename the output topics"
                 )
         return self
-
-
-def _holds_a_model(annotation: Any) -> bool:
-    """`X`, `X | None` or `list[X]` for a pydantic model X: a table, not one value."""
-    args = get_args(annotation) or (annotation,)
-    return any(isinstance(a, type) and issubclass(a, BaseModel) for a in args)
-
-
-def _is_secret(annotation: Any) -> bool:
-    return SecretStr in (get_args(annotation) or (annotation,))
-
-
-# Every setting by the name it has everywhere (option, SDNS_<NAME>, config key); the security
-# fields are flat here, as on the command line, and nest under `security` in RunSettings.
-SETTINGS: dict[str, FieldInfo] = {
-    **{k: f for k, f in RunSettings.model_fields.items() if k != "security"},
-    **KafkaSecurity.model_fields,
-}
-# One value each: SDNS_<NAME> sets them (tables such as `routes` are config-file only).
-ENV_SETTINGS = tuple(k for k, f in SETTINGS.items() if not _holds_a_model(f.annotation))
-# Those with a `run` option: every one but the secrets, which never show in `ps`.
-CLI_SETTINGS = tuple(k for k in ENV_SETTINGS if not _is_secret(SETTINGS[k].annotation))
-
-_LISTS = {k for k in ENV_SETTINGS if get_origin(SETTINGS[k].annotation) is list}
-_BOOLS = {k for k in ENV_SETTINGS if SETTINGS[k].annotation is bool}
-_SECURITY = set(KafkaSecurity.model_fields)
-
-
-def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for name in ENV_SETTINGS:
-        raw = env.get(ENV_PREFIX + name.upper())
-        if raw is None:
-            continue
-        value: Any = raw
-        if name in _LISTS:
-            value = [t.strip() for t in raw.split(",") if t.strip()]
-        elif name in _BOOLS:
-            if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
-                raise ConfigError(
-                    f"{ENV_PREFIX}{name.upper()}={raw!r} is not a boolean; use true or false"
-                )
-            value = raw.lower() in ("1", "true", "yes")
-        values[name] = value
-    return values
-
-
-def _nest(values: dict[str, Any]) -> dict[str, Any]:
-    """Security options may be given flat (as on the command line); nest them."""
-    out = {k: v for k, v in values.items() if k not in _SECURITY}
-    security = {**out.pop("security", {}), **{k: v for k, v in values.items() if k in _SECURITY}}
-    if security:
-        out["security"] = security
-    return out
-
-
-def _from_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(
-            f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}"
-        ) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a table of settings")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def load_settings(
-    cli: Mapping[str, Any], env: Mapping[str, str], config_file: Path | None = None
-) -> RunSettings:
-    """Merge the three sources (None on the command line means "not given") and validate."""
-    merged: dict[str, Any] = _nest(_from_file(config_file)) if config_file else {}
-    given = {k: v for k, v in cli.items() if v is not None and v != [] and v != ()}
-    for source in (_nest(_from_env(env)), _nest(given)):
-        security = source.pop("security", {})
-        merged.update(source)
-        if security:
-            merged["security"] = {**merged.get("security", {}), **security}
-    try:
-        return RunSettings.model_validate(merged)
-    except ValidationError as exc:
-        where, what = first_problem(exc)
-        what = what.removeprefix("Value error, ")
-        raise ConfigError(
-            f"invalid setting {where}: {what}" if where else f"invalid settings: {what}"
-        ) from None
