@@ -15,21 +15,30 @@ With ``max=N`` fewer frames than the topic holds are taken, round-robin over the
 (the first frame of each partition, then the second, ...), so that every camera (key) is
 represented; the choice depends only on what the topic holds, not on the order in which the
 broker answers fetches, so two reads of the same topic give the same images.
+
+The connection is secured as `run`'s is, by the same environment variables:
+``SDNS_SECURITY_PROTOCOL`` (PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL; default PLAINTEXT),
+``SDNS_SASL_MECHANISM``, ``SDNS_SASL_PLAIN_USERNAME``, ``SDNS_SASL_PLAIN_PASSWORD``,
+``SDNS_SSL_CAFILE``, ``SDNS_SSL_CERTFILE``, ``SDNS_SSL_KEYFILE`` and ``SDNS_SSL_PASSWORD``
+(`sdns_monitor.settings.KafkaSecurity`), checked before connecting: a bad value or combination
+is a ConfigError. Nothing of it goes in the spec, so no secret shows in a command line.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from sdns_monitor.errors import DataError, FrameError
+from sdns_monitor.errors import ConfigError, DataError, FrameError
 from sdns_monitor.frames import decode_bytes
 from sdns_monitor.preprocess import resize_uint8
+from sdns_monitor.settings import KafkaSecurity, security_from_env
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +81,23 @@ def load_topic(
     timeout_s: float,
     spec: str,
     size: int | None = None,
+    security: KafkaSecurity | None = None,
 ) -> TopicImages:
-    """Read up to `max_frames` decodable frames (None: all) of `topic` on `servers`.
+    """Read up to `max_frames` decodable frames (None: all) of `topic` on `servers`, connecting
+    with `security` (None: from the SDNS_* variables, `settings.security_from_env`).
 
-    Raises DataError when the broker does not answer, the topic does not exist or is empty,
-    none of its messages is an image, or the read does not finish within `timeout_s`.
+    Raises ConfigError when those variables are invalid, DataError when the broker does not
+    answer, the topic does not exist or is empty, none of its messages is an image, or the read
+    does not finish within `timeout_s`.
     """
     from kafka import KafkaConsumer, TopicPartition
     from kafka.errors import KafkaError
 
+    if security is None:
+        try:
+            security = security_from_env(os.environ)
+        except ConfigError as exc:
+            raise ConfigError(f"{spec}: {exc}") from None
     deadline = time.monotonic() + timeout_s
 
     def left_ms() -> int:
@@ -98,6 +115,7 @@ def load_topic(
             request_timeout_ms=min(max(2000, left_ms()), 300_000),
             fetch_max_wait_ms=100,
             max_partition_fetch_bytes=_MAX_MESSAGE_BYTES + 1024,
+            **security.client_options(),
         )
     except (KafkaError, OSError) as exc:
         raise DataError(

@@ -14,7 +14,8 @@ its earliest offsets up to the end offsets it has when reading starts, with no c
 (nothing is committed): at most ``max`` decodable frames (default: every frame on the topic),
 taken round-robin over the partitions so that every camera is represented. ``timeout_s``
 (default 60) bounds the whole read, connecting included. PORT defaults to 9092. Frames carry
-no labels, so a ``@CLASSES`` filter is refused. Plaintext connections only.
+no labels, so a ``@CLASSES`` filter is refused. TLS and SASL come from the ``SDNS_*`` variables
+`run` reads (``SDNS_SECURITY_PROTOCOL``, ...; docs/configuration.md), never from the URL.
 """
 
 from __future__ import annotations

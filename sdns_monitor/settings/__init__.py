@@ -21,6 +21,7 @@ from sdns_monitor.settings.sources import (
     ENV_SETTINGS,
     SETTINGS,
     load_settings,
+    security_from_env,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "RunSettings",
     "ScoreName",
     "load_settings",
+    "security_from_env",
 ]

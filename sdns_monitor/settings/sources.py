@@ -4,6 +4,7 @@ file, merged (command line > environment > config file > defaults) and validated
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,9 +50,9 @@ _BOOLS = {k for k in ENV_SETTINGS if SETTINGS[k].annotation is bool}
 _SECURITY = set(KafkaSecurity.model_fields)
 
 
-def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+def _from_env(env: Mapping[str, str], names: tuple[str, ...] = ENV_SETTINGS) -> dict[str, Any]:
     values: dict[str, Any] = {}
-    for name in ENV_SETTINGS:
+    for name in names:
         raw = env.get(ENV_PREFIX + name.upper())
         if raw is None:
             continue
@@ -66,6 +67,35 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
             value = raw.lower() in ("1", "true", "yes")
         values[name] = value
     return values
+
+
+# A security field's name as a word of a validation message (not inside a path or a value).
+_SECURITY_WORD = re.compile(rf"(?<![\w/.-])({'|'.join(KafkaSecurity.model_fields)})(?![\w/.-])")
+
+
+def security_from_env(env: Mapping[str, str]) -> KafkaSecurity:
+    """Kafka client security from the `SDNS_<NAME>` variables `run` reads
+    (`SDNS_SECURITY_PROTOCOL`, `SDNS_SASL_MECHANISM`, `SDNS_SSL_CAFILE`, ...), for the clients
+    other than `run` (`kafka://` data specs). Unset ones take their defaults (PLAINTEXT); other
+    SDNS_ variables are not read. A bad value or combination is one ConfigError line naming the
+    variables.
+
+    >>> security_from_env({"SDNS_SECURITY_PROTOCOL": "SSL"}).client_options()
+    {'security_protocol': 'SSL'}
+    """
+    values = _from_env(env, tuple(KafkaSecurity.model_fields))
+    try:
+        return KafkaSecurity.model_validate(values)
+    except ValidationError as exc:
+        where, what = first_problem(exc)
+        what = _SECURITY_WORD.sub(
+            lambda m: ENV_PREFIX + m.group(1).upper(), what.removeprefix("Value error, ")
+        )
+        raise ConfigError(
+            f"invalid setting {ENV_PREFIX}{where.upper()}: {what}"
+            if where
+            else f"invalid Kafka security variables: {what}"
+        ) from None
 
 
 def _nest(values: dict[str, Any]) -> dict[str, Any]:

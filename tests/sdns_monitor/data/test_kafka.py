@@ -1,16 +1,25 @@
-"""kafka:// specs: the grammar, and the round-robin choice of frames under max=N.
+"""kafka:// specs: the grammar, the round-robin choice of frames under max=N, and the client
+security taken from the SDNS_* environment variables.
 
-Reading a real topic is tested against the broker in tests/integration/test_examples.py.
+Reading a real topic is tested against the broker in tests/integration/test_examples.py; the
+test broker speaks plaintext only, so the security options are checked on the consumer's
+arguments.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import kafka
 import numpy as np
 import pytest
+from kafka.errors import KafkaConnectionError
 
-from sdns_monitor.data import DatasetSpec, parse_spec, usage
+from sdns_monitor.data import DatasetSpec, load_dataset, parse_spec, usage
 from sdns_monitor.data.kafka_topic import _hungry, _Partition, _round_robin
-from sdns_monitor.errors import DataError
+from sdns_monitor.errors import ConfigError, DataError
+from sdns_monitor.settings import ENV_PREFIX, KafkaSecurity
 
 
 @pytest.mark.parametrize(
@@ -97,3 +106,98 @@ def test_the_frames_taken_do_not_depend_on_the_order_fetches_arrive_in() -> None
             part.done = len(part.frames) == totals[n]
         taken = _round_robin([len(p.frames) for p in parts.values()], want)
         assert taken == _round_robin(totals, want), (totals, want)
+
+
+SPEC = "kafka://127.0.0.1:9/frames?timeout_s=1"
+_SECURITY_KEYS = ("security_", "sasl_", "ssl_")
+
+
+@pytest.fixture
+def consumer_kwargs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The keyword arguments of every KafkaConsumer the reader builds; the fake one finds no
+    broker, so a read stops right after building it. No SDNS_ security variable is inherited."""
+    for name in KafkaSecurity.model_fields:
+        monkeypatch.delenv(ENV_PREFIX + name.upper(), raising=False)
+    built: list[dict[str, Any]] = []
+
+    def fake_consumer(*topics: str, **kwargs: Any) -> None:
+        built.append(kwargs)
+        raise KafkaConnectionError("no broker")
+
+    monkeypatch.setattr(kafka, "KafkaConsumer", fake_consumer)
+    return built
+
+
+def test_without_security_variables_the_reader_connects_in_plaintext(
+    consumer_kwargs: list[dict[str, Any]],
+) -> None:
+    with pytest.raises(DataError, match="no Kafka broker answered"):
+        load_dataset(SPEC)
+    (kwargs,) = consumer_kwargs
+    assert kwargs.get("security_protocol", "PLAINTEXT") == "PLAINTEXT"
+    assert not any(k.startswith(("sasl_", "ssl_")) for k in kwargs)
+
+
+def test_the_reader_takes_tls_and_sasl_from_the_variables_run_reads(
+    consumer_kwargs: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    monkeypatch.setenv("SDNS_SECURITY_PROTOCOL", "SSL")
+    monkeypatch.setenv("SDNS_SSL_CAFILE", str(ca))
+    with pytest.raises(DataError, match="no Kafka broker answered"):
+        load_dataset(SPEC)
+    assert consumer_kwargs[-1]["security_protocol"] == "SSL"
+    assert consumer_kwargs[-1]["ssl_cafile"] == str(ca)
+
+    monkeypatch.setenv("SDNS_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("SDNS_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("SDNS_SASL_PLAIN_USERNAME", "svc")
+    monkeypatch.setenv("SDNS_SASL_PLAIN_PASSWORD", "hunter2")
+    with pytest.raises(DataError, match="no Kafka broker answered") as info:
+        load_dataset(SPEC)
+    assert "hunter2" not in str(info.value)
+    security = {k: v for k, v in consumer_kwargs[-1].items() if k.startswith(_SECURITY_KEYS)}
+    assert security == {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "svc",
+        "sasl_plain_password": "hunter2",
+        "ssl_cafile": str(ca),
+    }
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        (
+            {"SDNS_SECURITY_PROTOCOL": "SASL_SSL"},
+            "SDNS_SECURITY_PROTOCOL SASL_SSL needs a SDNS_SASL_MECHANISM",
+        ),
+        ({"SDNS_SECURITY_PROTOCOL": "TLS"}, "invalid setting SDNS_SECURITY_PROTOCOL: Input should"),
+        ({"SDNS_SSL_CAFILE": "/nonexistent/ca.pem"}, "SDNS_SSL_CAFILE /nonexistent/ca.pem is not"),
+        ({"SDNS_SASL_MECHANISM": "PLAIN"}, "SDNS_SASL_MECHANISM is set but SDNS_SECURITY_PROTO"),
+    ],
+)
+def test_bad_security_variables_are_one_line_config_errors_before_connecting(
+    consumer_kwargs: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    match: str,
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=match) as info:
+        load_dataset(SPEC)
+    assert str(info.value).startswith(SPEC + ": ") and "\n" not in str(info.value)
+    assert consumer_kwargs == []
+
+
+def test_unrelated_run_variables_do_not_concern_the_reader(
+    consumer_kwargs: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad SDNS_FROM_BEGINNING is `run`'s business, not a data set's."""
+    monkeypatch.setenv("SDNS_FROM_BEGINNING", "maybe")
+    with pytest.raises(DataError, match="no Kafka broker answered"):
+        load_dataset(SPEC)
+    assert consumer_kwargs[-1].get("security_protocol", "PLAINTEXT") == "PLAINTEXT"
