@@ -5,6 +5,7 @@ closings and dead letters. JSON via pydantic, each with a `schema_version`.
 from __future__ import annotations
 
 import base64
+import hashlib
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,6 +23,12 @@ DLQ_HEADERS = (
 )
 
 
+# How `key` holds the message key: its text, its bytes in base64 (not UTF-8), or, for a key
+# longer than MAX_KEY_BYTES, the hex SHA-256 of its bytes (outputs are keyed `sha256:HEX`).
+KeyEncoding = Literal["utf-8", "base64", "sha256"]
+MAX_KEY_BYTES = 1024
+
+
 class Source(BaseModel):
     """Where a frame came from."""
 
@@ -31,7 +38,7 @@ class Source(BaseModel):
     offset: int
     frame_index: int = 0  # index within the message when it held a batch of frames
     key: str | None = None
-    key_encoding: Literal["utf-8", "base64"] | None = None
+    key_encoding: KeyEncoding | None = None
     timestamp_ms: int | None = None
 
 
@@ -82,7 +89,7 @@ class IncidentClosed(BaseModel):
     schema_version: int = SCHEMA_VERSION
     kind: Literal["incident-closed"] = "incident-closed"
     key: str | None
-    key_encoding: Literal["utf-8", "base64"] | None = None
+    key_encoding: KeyEncoding | None = None
     incident_id: str
     opened_at_ms: int
     closed_at_ms: int
@@ -90,18 +97,32 @@ class IncidentClosed(BaseModel):
     alerts: int
 
 
-def encode_key(key: bytes | None) -> tuple[str | None, Literal["utf-8", "base64"] | None]:
-    """A message key as text: UTF-8 when it decodes, else base64 (never lossy)."""
+def encode_key(key: bytes | None) -> tuple[str | None, KeyEncoding | None]:
+    """A message key as text: UTF-8 when it decodes, else base64 (never lossy); a key over
+    MAX_KEY_BYTES as its SHA-256 (records stay small whatever a producer sends)."""
     if key is None:
         return None, None
+    if len(key) > MAX_KEY_BYTES:
+        return hashlib.sha256(key).hexdigest(), "sha256"
     try:
         return key.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         return base64.b64encode(key).decode("ascii"), "base64"
 
 
+def output_key(key: bytes | None) -> bytes | None:
+    """The Kafka key of the records a message causes: its own key, or `sha256:HEX` for a key
+    over MAX_KEY_BYTES (so one camera's records still share a partition)."""
+    if key is None or len(key) <= MAX_KEY_BYTES:
+        return key
+    return b"sha256:" + hashlib.sha256(key).hexdigest().encode("ascii")
+
+
 def decode_key(key: str, encoding: str | None) -> bytes:
-    """The message key as it came, from `encode_key`'s text (the inverse of `encode_key`)."""
+    """The Kafka key of a record about `key` (as `encode_key` wrote it): `output_key` of the
+    message key it came from."""
+    if encoding == "sha256":
+        return b"sha256:" + key.encode("ascii")
     return base64.b64decode(key) if encoding == "base64" else key.encode("utf-8")
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from sdns_monitor.detector import Detector
 from sdns_monitor.errors import FrameError, UnreadableRecord
 from sdns_monitor.frames import decode_bytes
-from sdns_monitor.records import Alert, Source, encode_key
+from sdns_monitor.records import Alert, Source, encode_key, output_key
 from sdns_monitor.settings import RunSettings
 from sdns_monitor.stream.intake import UnreadableMessage
 from sdns_monitor.stream.routing import Models
@@ -44,7 +44,7 @@ class DecodeLimits:
 @dataclass
 class Frame:
     source: Source
-    key: bytes | None  # the message key as it came: outputs are keyed by it
+    key: bytes | None  # the Kafka key of its outputs: records.output_key of the message key
     image: np.ndarray  # uint8 1 x S x S x C, prepared for the encoder
     detector: Detector  # the model of its key (routing)
 
@@ -76,6 +76,9 @@ class Batch:
     error: BaseException | None = None  # raised while scoring (OutputError or a bug)
     snapshot: Any = None  # the scorer's incident state before this batch
     futures: list[Any] = field(default_factory=list)  # one per record sent
+    # index in `futures` -> (topic, what stands in for it if refused for good: outputs.py)
+    fallbacks: dict[int, tuple[str, Any]] = field(default_factory=dict)
+    refused: Tally[str] = field(default_factory=Tally)  # records refused for good, per topic
     messages_by_topic: Tally[str] = field(default_factory=Tally)
     frames: Tally[str] = field(default_factory=Tally)
     flagged: Tally[str] = field(default_factory=Tally)
@@ -154,7 +157,7 @@ def decode_messages(messages: list[Any], models: Models, limits: DecodeLimits) -
             continue
         for i in range(images.shape[0]):
             source = Source(**base, frame_index=i)
-            out.frames.append(Frame(source, m.key, images[i : i + 1], detector))
+            out.frames.append(Frame(source, output_key(m.key), images[i : i + 1], detector))
     return out
 
 

@@ -183,4 +183,6 @@ class Status:
             m.alerts.labels(topic=alert.source.topic).inc()
         for reason, n in batch.dead_letters.items():
             m.dead_letters.labels(reason=reason).inc(n)
+        for topic, n in batch.refused.items():
+            m.refused.labels(topic=topic).inc(n)
         m.scored(sum(batch.frames.values()))

@@ -9,6 +9,7 @@ still appear in the scores topic and the metrics). When a key has had no flagged
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 
 from sdns_monitor.records import IncidentClosed, IncidentRef
@@ -24,6 +25,13 @@ class _Open:
     last_alert_ms: int
     frames: int = 1
     alerts: int = 1
+
+
+def incident_id(key: str | None, opened_at_ms: int) -> str:
+    """`DIGEST@OPENED_AT_MS`: 16 hex digits of the key's SHA-256, so that the id stays short
+    whatever the key (the key itself is in the record beside it)."""
+    digest = hashlib.sha256(b"\x00" if key is None else key.encode("utf-8")).hexdigest()
+    return f"{digest[:16]}@{opened_at_ms}"
 
 
 class IncidentTracker:
@@ -52,7 +60,7 @@ class IncidentTracker:
         """Record a flagged frame of `key`; returns its incident and whether to send an alert."""
         inc = self._open.get(key)
         if inc is None or now_ms - inc.last_flag_ms > self.window_ms:
-            inc = _Open(f"{key}@{now_ms}", key, key_encoding, now_ms, now_ms, now_ms)
+            inc = _Open(incident_id(key, now_ms), key, key_encoding, now_ms, now_ms, now_ms)
             self._open[key] = inc
             send = True
         else:

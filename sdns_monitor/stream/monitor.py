@@ -280,7 +280,7 @@ class StreamMonitor:
         """Count and commit the delivered batches at the head of the pipeline, in order.
         False when the head batch was not delivered."""
         try:
-            done = self.inflight.settle()
+            done = self.inflight.settle(self._recover)
         except HeadFailed:
             return False
         for batch in done:
@@ -290,6 +290,11 @@ class StreamMonitor:
         if (done or self.inflight.commit_due()) and self.inflight.pending():
             self.inflight.commit(consumer)
         return True
+
+    def _recover(self, batch: Batch) -> bool:
+        """Send stand-ins for the records of `batch` the broker refused for good."""
+        producer = self._producer.current if self._producer is not None else None
+        return producer is not None and self.scorer.outputs.recover(batch, producer)
 
     def _retry_later(self, consumer: Any, backoff: float, stop: threading.Event) -> None:
         """The head batch was not delivered: abandon every batch in flight, roll the incident

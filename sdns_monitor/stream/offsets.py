@@ -16,6 +16,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, OffsetAndMetadata, TopicPartition
@@ -69,14 +70,18 @@ class InFlight:
     def add(self, batch: Batch) -> None:
         self._batches.append(batch)
 
-    def settle(self) -> list[Batch]:
+    def settle(self, recover: Callable[[Batch], bool] = lambda batch: False) -> list[Batch]:
         """Take the delivered batches at the head, in order, and remember their offsets for
-        the next commit. Raises HeadFailed when the head batch was not delivered, and a
-        scoring bug (an error other than OutputError) as it is: retrying cannot help."""
+        the next commit. `recover` replaces a failed head batch's records that were refused
+        for good (outputs.Outputs.recover); then it waits for their stand-ins. Raises
+        HeadFailed when the head batch was not delivered, and a scoring bug (an error other
+        than OutputError) as it is: retrying cannot help."""
         done: list[Batch] = []
         while self._batches:
             head = self._batches[0]
             state = head.delivered()
+            if state is False and recover(head):
+                state = head.delivered()
             if state is None:
                 break
             if state is False:

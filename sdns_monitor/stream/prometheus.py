@@ -36,6 +36,13 @@ class Metrics:
             "Batches whose outputs were not acknowledged (retried, offsets not committed)",
             registry=r,
         )
+        self.refused = Counter(
+            "sdns_refused_records",
+            "Output records refused for good (too large, invalid): dead letters are sent as "
+            "references instead, other records dropped",
+            ["topic"],
+            registry=r,
+        )
         self.reloads = Counter("sdns_model_reloads", "Model reloads", ["result"], registry=r)
         self.batch_latency = Histogram(
             "sdns_batch_latency_seconds",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -25,15 +24,13 @@ from sdns_monitor.records import (
     Alert,
     ModelRef,
     ScoreRecord,
-    Source,
-    dead_letter_headers,
     decode_key,
     to_json,
 )
 from sdns_monitor.settings import RunSettings
 from sdns_monitor.stream.batch import Batch, Decoded, Frame
 from sdns_monitor.stream.incidents import IncidentTracker
-from sdns_monitor.stream.logs import Throttle
+from sdns_monitor.stream.outputs import Outputs
 
 log = logging.getLogger("sdns_monitor.stream")
 
@@ -59,7 +56,7 @@ class Scorer:
         self._queue: queue.Queue[Batch | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self.died: BaseException | None = None  # what killed the scoring thread, if anything
-        self._log_throttle = Throttle(10.0)
+        self.outputs = Outputs(settings.dlq_topic, settings.max_frame_bytes)
 
     # ------------------------------------------------------------------ the thread
     def start(self, producer: Callable[[], Any]) -> None:
@@ -122,6 +119,8 @@ class Scorer:
             self.score_batch(batch, producer)
         producer.flush()
         batch.scored.set()
+        if batch.delivered() is False and self.outputs.recover(batch, producer):
+            producer.flush()  # the stand-ins of records refused for good
         if not batch.delivered():
             with self._lock:
                 # Unless the loop abandoned the batches in flight meanwhile: it restored the
@@ -143,9 +142,7 @@ class Scorer:
             for m in batch.messages:
                 batch.messages_by_topic[m.topic] += 1
             for bad in decoded.undecodable:
-                batch.futures.append(
-                    self._dead_letter(producer, bad.message, bad.error, bad.source)
-                )
+                self.outputs.dead_letter(batch, producer, bad.message, bad.error, bad.source)
                 batch.dead_letters[type(bad.error).__name__] += 1
             if decoded.frames:
                 self._score(decoded.frames, batch, producer)
@@ -189,8 +186,8 @@ class Scorer:
                 record = ScoreRecord(
                     source=frame.source, score=score, p_value=p_value, flagged=flagged, model=model
                 )
-                batch.futures.append(
-                    producer.send(s.scores_topic, key=frame.key, value=to_json(record))
+                self.outputs.send(
+                    batch, producer, s.scores_topic, key=frame.key, value=to_json(record)
                 )
             if not flagged:
                 continue
@@ -211,7 +208,7 @@ class Scorer:
                 incident=incident,
             )
             batch.alerts.append(alert)
-            batch.futures.append(producer.send(s.alert_topic, key=frame.key, value=to_json(alert)))
+            self.outputs.send(batch, producer, s.alert_topic, key=frame.key, value=to_json(alert))
 
     def _score_one_by_one(
         self, frames: list[Frame], batch: Batch, producer: Any
@@ -230,49 +227,9 @@ class Scorer:
                 )
                 error = FrameError(f"scoring failed: {type(exc).__name__}: {exc}")
                 message = batch.message_at(frame.source)
-                batch.futures.append(self._dead_letter(producer, message, error, frame.source))
+                self.outputs.dead_letter(batch, producer, message, error, frame.source)
                 batch.dead_letters["ScoringError"] += 1
         return kept, np.asarray(scores, dtype=np.float64)
-
-    def _dead_letter(self, producer: Any, message: Any, exc: BaseException, source: Source) -> Any:
-        """Send `message` to the dead-letter topic as it came, with the sdns-* headers. What the
-        producer refuses to send as it is (a tombstone without key, header values it cannot
-        write) goes as a reference: no value, the sdns-* headers only."""
-        # One kind per class and reason, numbers and quoted text left out (payload bytes and
-        # shapes would make a new kind of every junk frame).
-        reason = re.sub(r"'[^']*'|\"[^\"]*\"|[0-9]+", "#", str(exc).split(":")[0])[:60]
-        kind = f"{type(exc).__name__}:{reason}"
-        if self._log_throttle.ready(kind):
-            suppressed = self._log_throttle.take_suppressed(kind)
-            more = f" (and {suppressed} more like it)" if suppressed else ""
-            log.warning(
-                "dead letter %s[%d]@%d: %s%s",
-                source.topic,
-                source.partition,
-                source.offset,
-                exc,
-                more,
-            )
-        value = message.value
-        if value is not None and len(value) > self.settings.max_frame_bytes:
-            value = None  # too large for the producer: the headers still say where it was
-        key = message.key
-        if key is None and value is None:
-            key = b""  # a record needs a key or a value; the headers say where it was
-        dlq = self.settings.dlq_topic
-        try:
-            headers = dead_letter_headers(list(message.headers or []), exc, source)
-            return producer.send(dlq, key=key, value=value, headers=headers)
-        except (TypeError, ValueError, AttributeError) as refused:  # not a broker problem
-            log.warning(
-                "dead letter %s[%d]@%d sent as a reference: %s",
-                source.topic,
-                source.partition,
-                source.offset,
-                refused,
-            )
-            headers = dead_letter_headers([], exc, source)
-            return producer.send(dlq, key=b"", value=None, headers=headers)
 
     def _close_incidents(self, producer: Any, batch: Batch) -> None:
         """Send a closing record for every incident whose key has been quiet for a window."""
@@ -280,8 +237,8 @@ class Scorer:
             batch.incidents_closed += 1
             batch.closed_ids.append(f"{closed.incident_id} ({closed.frames} flagged frames)")
             key = None if closed.key is None else decode_key(closed.key, closed.key_encoding)
-            batch.futures.append(
-                producer.send(self.settings.alert_topic, key=key, value=to_json(closed))
+            self.outputs.send(
+                batch, producer, self.settings.alert_topic, key=key, value=to_json(closed)
             )
 
     def _close_quiet_incidents(self, producer: Any) -> None:

@@ -17,6 +17,7 @@ from kafka import KafkaProducer
 from sdns_monitor.broker import Broker
 from sdns_monitor.detector import Detector
 from sdns_monitor.stream import StreamMonitor
+from sdns_monitor.stream.incidents import incident_id
 from tests.integration.kafka_helpers import (
     TANSU_ENV,
     noise,
@@ -72,7 +73,10 @@ def test_monitor_scores_every_frame_alerts_and_dead_letters(
     alerts = read_json(kafka_broker, names["alerts"], stats.alerts)
     # With no cooldown every flagged frame is an alert, each inside its key's incident.
     assert len(alerts) == stats.alerts == sum(s["flagged"] for s in scores) == len(seen_alerts)
-    assert all(a["incident"]["id"].startswith(f"{a['source']['key']}@") for a in alerts)
+    assert all(
+        a["incident"]["id"] == incident_id(a["source"]["key"], a["incident"]["opened_at_ms"])
+        for a in alerts
+    )
     assert all(a["p_value"] < 0.1 and a["alarm_rate"] == 0.1 for a in alerts)
     assert all(a["model"]["hash"] == det.hash for a in alerts)
 

@@ -93,3 +93,17 @@ def test_dead_letter_headers_keep_the_originals_and_say_why() -> None:
     assert ours["sdns-error"] == b"truncated PNG second line"
     assert (ours["sdns-source-topic"], ours["sdns-source-partition"]) == (b"frames", b"2")
     assert (ours["sdns-source-offset"], ours["sdns-frame-index"]) == (b"41", b"0")
+
+
+def test_a_key_over_the_bound_is_carried_as_its_digest_everywhere() -> None:
+    import hashlib
+
+    from sdns_monitor.records import MAX_KEY_BYTES, decode_key, encode_key, output_key
+
+    short, long = b"cam-1", b"k" * (MAX_KEY_BYTES + 1)
+    assert encode_key(short) == ("cam-1", "utf-8") and output_key(short) == short
+    text, encoding = encode_key(long)
+    assert (text, encoding) == (hashlib.sha256(long).hexdigest(), "sha256")
+    assert output_key(long) == b"sha256:" + text.encode()
+    assert decode_key(text, encoding) == output_key(long)  # closings keyed like the alerts
+    assert output_key(b"k" * MAX_KEY_BYTES) == b"k" * MAX_KEY_BYTES  # the bound itself passes

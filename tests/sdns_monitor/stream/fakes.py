@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 from kafka import TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, MessageSizeTooLargeError
 from PIL import Image
 
 from sdns_monitor.scoring import ScoreResult
@@ -68,9 +68,17 @@ class Producer:
     """Records what was sent. `acks=True` acknowledges each record at once; topics in
     `refuse` fail their records; `raise_on_send` makes send() itself raise."""
 
-    def __init__(self, acks: bool = True, refuse: set[str] | None = None) -> None:
+    def __init__(
+        self,
+        acks: bool = True,
+        refuse: set[str] | None = None,
+        too_large: int | None = None,
+        broker_limit: int | None = None,
+    ) -> None:
         self.acks = acks
         self.refuse = refuse or set()
+        self.too_large = too_large  # send() raises past this many bytes (the client's check)
+        self.broker_limit = broker_limit  # the future fails past this many (the topic's limit)
         self.raise_on_send: BaseException | None = None
         self.sent: list[Sent] = []
         self.flushes = 0
@@ -85,8 +93,13 @@ class Producer:
             raise ValueError("Need at least one: key or value")
         if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in headers or []):
             raise TypeError("All headers items must be (str, bytes) tuples")
+        size = len(key or b"") + len(value or b"") + sum(len(k) + len(v) for k, v in headers or [])
+        if self.too_large is not None and size > self.too_large:
+            raise MessageSizeTooLargeError(f"the message is {size} bytes when serialized")
         future = Future()
-        if topic in self.refuse:
+        if self.broker_limit is not None and size > self.broker_limit:
+            future.is_done, future.exception = True, MessageSizeTooLargeError("MESSAGE_TOO_LARGE")
+        elif topic in self.refuse:
             future.fail(f"{topic} refuses records")
         elif self.acks:
             future.succeed()

@@ -10,6 +10,7 @@ from kafka.errors import KafkaTimeoutError
 
 from sdns_monitor.errors import OutputError
 from sdns_monitor.stream.batch import Batch, Decoded
+from sdns_monitor.stream.incidents import incident_id
 from sdns_monitor.stream.scorer import Scorer
 from tests.sdns_monitor.stream.fakes import Detector, Message, Producer, batch, png, settings
 
@@ -142,7 +143,8 @@ def test_an_idle_scorer_closes_quiet_incidents() -> None:
     scorer.close()
     assert closed.is_set()
     closing = json.loads(producer.to("sdns-alerts")[1].value)
-    assert closing["incident_id"].startswith("cam-1@") and closing["frames"] == 1
+    assert closing["incident_id"].startswith(incident_id("cam-1", 0).split("@")[0] + "@")
+    assert closing["key"] == "cam-1" and closing["frames"] == 1
     assert sum(b.incidents_closed for b in delivered) == 1
 
 
