@@ -78,8 +78,9 @@ class Detector:
             max_batch=batch_size,
         )
         spec = self.manifest.score
-        self.index = ReferenceIndex(bundle.features, spec.index_factory, self.device)
         self.k = spec.k
+        self.index = ReferenceIndex(bundle.features, spec.index_factory, self.device)
+        self.index.prepare(self.k)
         self.temperature = spec.temperature
         self.alarm_rate = self.manifest.calibration.default_alarm_rate
         low = spec.lowlevel
@@ -93,7 +94,7 @@ class Detector:
                     f"{bundle.path} has no combined score (fitted without the low-level bank); "
                     "use --score sdns or refit"
                 )
-            self.low_index = ReferenceIndex(bundle.lowlevel, "Flat", self.device)
+            self.low_index = ReferenceIndex(bundle.lowlevel, "Flat", self.device).prepare(low.k)
             self.calibration = bundle.calibration_combined
         elif mode == "sdns":
             self.calibration = bundle.calibration

@@ -41,6 +41,12 @@ class OutputError(SdnsError):
     """`run`'s alerts, scores or dead letters could not be delivered; nothing was committed."""
 
 
+class ScoringUnavailable(OutputError):
+    """The model failed on every frame of a batch, and on the frames before it: a fault of the
+    model or its device (a GPU error), not of the frames. The batch is not committed and is
+    retried, as when outputs are not delivered."""
+
+
 class BrokerUnreachable(SdnsError):
     """No Kafka broker answered when `run` started."""
 

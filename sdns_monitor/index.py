@@ -61,6 +61,15 @@ class ReferenceIndex:
             self._faiss, self._gpu_resources = _to_gpu(index, self.device)
         return self._faiss
 
+    def prepare(self, k: int | None) -> ReferenceIndex:
+        """Build whatever searches for `k` neighbours will use now, so that an invalid factory
+        or a FAISS failure is an error when the bundle loads, not at the first frame."""
+        exact = k is None or k >= len(self)
+        on_device = self.factory == "Flat" and self.device.type != "cpu"
+        if not exact and not on_device:
+            self._faiss_index()
+        return self
+
     def search(self, queries: torch.Tensor, k: int | None) -> torch.Tensor:
         """Similarities of each query to its k nearest references (M x k), or to all (M x N)
         when k is None or at least N. Callers chunk the queries (see `kernel_scores`)."""

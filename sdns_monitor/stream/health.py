@@ -101,10 +101,12 @@ class Status:
         return self.output_problem is None
 
     # ------------------------------------------------------------------ what happened
-    def output_failed(self, problem: str) -> None:
+    def output_failed(self, problem: str, scoring: bool = False) -> None:
+        """A batch was not delivered (or, `scoring`, the model failed on all of it): it is
+        retried, and nothing is committed meanwhile."""
         self.stats.output_failures += 1
         self.metrics.output_failures.inc()
-        self.output_problem = f"outputs not delivered ({problem})"
+        self.output_problem = problem if scoring else f"outputs not delivered ({problem})"
         self.metrics.ready.set(0)
 
     def outputs_recovered(self) -> None:

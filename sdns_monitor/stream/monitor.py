@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sdns_monitor.detector import Detector
-from sdns_monitor.errors import SdnsError
+from sdns_monitor.errors import ScoringUnavailable, SdnsError
 from sdns_monitor.records import Alert
 from sdns_monitor.scoring import cannot_flag
 from sdns_monitor.settings import RunSettings
@@ -306,7 +306,7 @@ class StreamMonitor:
         assert self._producer is not None
         self._producer.renew()
         self.inflight.abandon(consumer)
-        self.status.output_failed(problem)
+        self.status.output_failed(problem, scoring=isinstance(head.error, ScoringUnavailable))
         log.error("%s; offsets not committed, retrying in %.1f s", problem, backoff)
         stop.wait(backoff)
 

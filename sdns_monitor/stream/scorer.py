@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from kafka.errors import KafkaError
 
-from sdns_monitor.errors import FrameError, OutputError
+from sdns_monitor.errors import FrameError, OutputError, ScoringUnavailable
 from sdns_monitor.records import (
     Alert,
     ModelRef,
@@ -35,6 +35,7 @@ from sdns_monitor.stream.outputs import Outputs
 log = logging.getLogger("sdns_monitor.stream")
 
 IDLE_S = 0.5  # an idle scorer looks for quiet incidents to close this often
+BREAKER_FRAMES = 3  # failed frames in a row, none scored between, that make a model fault
 
 
 class Scorer:
@@ -56,6 +57,7 @@ class Scorer:
         self._queue: queue.Queue[Batch | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self.died: BaseException | None = None  # what killed the scoring thread, if anything
+        self.failing_frames = 0  # frames that failed to score since one last scored
         self.outputs = Outputs(settings.dlq_topic, settings.max_frame_bytes)
 
     # ------------------------------------------------------------------ the thread
@@ -149,6 +151,8 @@ class Scorer:
             self._close_incidents(producer, batch)
         except KafkaError as exc:  # raised by send() itself: e.g. no metadata for a topic
             batch.error = OutputError(f"{type(exc).__name__}: {exc}")
+        except ScoringUnavailable as exc:  # retried like an output failure
+            batch.error = exc
         except BaseException as exc:  # a bug: surfaced by the loop, which stops
             batch.error = exc
             log.exception("scoring a batch failed")
@@ -214,21 +218,43 @@ class Scorer:
         self, frames: list[Frame], batch: Batch, producer: Any
     ) -> tuple[list[Frame], np.ndarray]:
         """The batch could not be scored: score frame by frame and dead-letter the frames that
-        fail, so that one frame never stops the stream."""
-        kept, scores = [], []
+        fail, so that one frame never stops the stream. When every frame fails, and the
+        frames before them did too (BREAKER_FRAMES in a row), the fault is the model's or its
+        device's, not the frames': ScoringUnavailable, and the batch is retried instead."""
+        kept, scores, failed = [], [], []
         for frame in frames:
             try:
                 scores.append(frame.detector.anomaly_scores(frame.image)[0])
                 kept.append(frame)
-            except Exception as exc:
-                where = frame.source
-                log.exception(
-                    "scoring failed for %s[%d]@%d", where.topic, where.partition, where.offset
-                )
-                error = FrameError(f"scoring failed: {type(exc).__name__}: {exc}")
-                message = batch.message_at(frame.source)
-                self.outputs.dead_letter(batch, producer, message, error, frame.source)
-                batch.dead_letters["ScoringError"] += 1
+            except Exception as raised:
+                failed.append((frame, raised))
+        self.failing_frames = 0 if kept else self.failing_frames + len(failed)
+        if not kept and self.failing_frames >= BREAKER_FRAMES:
+            last = failed[-1][1]
+            log.error(
+                "scoring failed for %d frames in a row (%s: %s); not committing, retrying",
+                self.failing_frames,
+                type(last).__name__,
+                last,
+            )
+            raise ScoringUnavailable(
+                f"scoring failed for the last {self.failing_frames} frames "
+                f"({type(last).__name__}: {' '.join(str(last).split())[:200]})"
+            )
+        for frame, why in failed:
+            where = frame.source
+            log.error(
+                "scoring failed for %s[%d]@%d: %s: %s",
+                where.topic,
+                where.partition,
+                where.offset,
+                type(why).__name__,
+                why,
+            )
+            error = FrameError(f"scoring failed: {type(why).__name__}: {why}")
+            message = batch.message_at(frame.source)
+            self.outputs.dead_letter(batch, producer, message, error, frame.source)
+            batch.dead_letters["ScoringError"] += 1
         return kept, np.asarray(scores, dtype=np.float64)
 
     def _close_incidents(self, producer: Any, batch: Batch) -> None:

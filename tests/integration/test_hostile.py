@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from sdns_monitor.broker import Broker
+from sdns_monitor.detector import Detector
 from sdns_monitor.errors import SdnsError
 from sdns_monitor.stream import StreamMonitor
 from tests.integration.kafka_helpers import (
@@ -158,3 +159,44 @@ def test_a_camera_with_a_huge_key_gets_its_alert_and_the_stream_goes_on(
     body = json.loads(alerts[0].value)
     assert body["source"]["key_encoding"] == "sha256" and len(alerts[0].value) < 3000
     assert alerts[0].key == b"sha256:" + hashlib.sha256(key).hexdigest().encode()
+
+
+class _FaultyDevice(Detector):
+    """A model whose device fails for its first `faults` calls (a GPU fault that clears)."""
+
+    faults = 12
+
+    def anomaly_scores(self, prepared: np.ndarray) -> np.ndarray:
+        if self.faults > 0:
+            self.faults -= 1
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return super().anomaly_scores(prepared)
+
+
+@pytest.mark.integration
+def test_a_model_fault_is_retried_not_readied_and_loses_no_frame_to_the_dead_letters(
+    kafka_broker: Broker, tiny_bundle: Path, fashion_test: np.ndarray
+) -> None:
+    names = topics(kafka_broker, "frames", "dlq", "scores")
+    produce(kafka_broker, names["frames"], [png(image) for image in fashion_test[:10]])
+    settings = run_settings(kafka_broker, tiny_bundle, names, batch_size=5)
+    det = _FaultyDevice(Detector.load(tiny_bundle, device="cpu").bundle, device="cpu")
+    monitor = StreamMonitor(settings, detector=det)
+    seen: list[str] = []
+    monitor.start()
+    try:
+        wait_for(
+            lambda: bool(seen.append(monitor.not_ready() or "")) or monitor.stats.frames >= 10,
+            60,
+            "every frame scored once the fault cleared",
+        )
+    finally:
+        monitor.stop()
+    assert monitor.error is None and monitor.stats.output_failures >= 1
+    assert any(s.startswith("not ready: scoring failed for the last") for s in seen), seen[-5:]
+    assert monitor.stats.dead_letters == 0
+    assert read_all(kafka_broker, names["dlq"], 1, timeout_ms=1500) == []
+    offsets = {
+        json.loads(m.value)["source"]["offset"] for m in read_all(kafka_broker, names["scores"], 10)
+    }
+    assert offsets == set(range(10))

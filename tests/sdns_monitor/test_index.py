@@ -46,3 +46,15 @@ def test_exact_topk_on_tensors_matches_faiss_flat() -> None:
     faiss_sims = ReferenceIndex(bank, "Flat").neighbours(queries, 7)[0]
     torch_sims = exact_topk(queries, torch.from_numpy(bank), 7)
     assert torch.allclose(torch_sims, faiss_sims, atol=1e-5)
+
+
+def test_an_invalid_factory_fails_when_the_index_is_prepared_not_at_the_first_frame() -> None:
+    import pytest
+
+    from sdns_monitor.errors import ConfigError
+
+    bank = np.eye(8, dtype=np.float32)
+    index = ReferenceIndex(bank, "NoSuchIndex,Flat")
+    with pytest.raises(ConfigError, match="invalid FAISS index factory 'NoSuchIndex,Flat'"):
+        index.prepare(3)
+    assert ReferenceIndex(bank, "NoSuchIndex,Flat").prepare(None) is not None  # exact: no FAISS

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import threading
 
+import numpy as np
 import pytest
 from kafka.errors import KafkaTimeoutError
 
-from sdns_monitor.errors import OutputError
+from sdns_monitor.errors import OutputError, ScoringUnavailable
 from sdns_monitor.stream.batch import Batch, Decoded
 from sdns_monitor.stream.incidents import incident_id
 from sdns_monitor.stream.scorer import Scorer
@@ -171,3 +172,43 @@ def test_an_idle_closing_that_fails_after_an_abandon_keeps_the_abandons_state() 
     # The abandon rolled back to before `first`: no incident, so its retry alerts again. The
     # closing's own snapshot (cam-1 open) must not be restored over it.
     assert scorer.incidents.open_count == 0
+
+
+class _Faulty(Detector):
+    """A model whose device fails until `healed` (as a GPU fault does): every frame fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.healed = False
+
+    def anomaly_scores(self, prepared: np.ndarray) -> np.ndarray:
+        if not self.healed:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return super().anomaly_scores(prepared)
+
+
+def test_a_model_failing_on_every_frame_trips_the_breaker_instead_of_dead_lettering() -> None:
+    scorer, _ = _scorer()
+    producer, model = Producer(), _Faulty()
+    b = batch([Message("frames", 0, i, png(DARK)) for i in range(4)], detector=model)
+    scorer.score_batch(b, producer)
+    assert isinstance(b.error, ScoringUnavailable) and isinstance(b.error, OutputError)
+    assert "scoring failed for the last 4 frames (RuntimeError: CUDA error" in str(b.error)
+    assert producer.to("sdns-dead-letters") == []  # nothing lost to the dead letters
+    model.healed = True
+    retried = batch([Message("frames", 0, i, png(DARK)) for i in range(4)], detector=model)
+    scorer.score_batch(retried, producer)
+    assert retried.error is None and len(producer.to("scores")) == 4
+
+
+def test_frames_that_fail_beside_frames_that_score_are_dead_letters_not_a_fault() -> None:
+    scorer, _ = _scorer()
+    producer = Producer()
+    poisoned = Detector(fail_on=BRIGHT / 255)
+    frames = [png(BRIGHT), png(BRIGHT), png(DARK)]  # two poisoned frames, one good
+    b = batch([Message("frames", 0, i, f) for i, f in enumerate(frames)], detector=poisoned)
+    scorer.score_batch(b, producer)
+    assert b.error is None and b.dead_letters == {"ScoringError": 2}
+    alone = batch([Message("frames", 0, 3, png(BRIGHT))], detector=poisoned)
+    scorer.score_batch(alone, producer)  # one failure after a success: still the frame's
+    assert alone.error is None and alone.dead_letters == {"ScoringError": 1}
