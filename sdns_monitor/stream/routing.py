@@ -29,6 +29,7 @@ from sdns_monitor.detector import Detector
 from sdns_monitor.settings import Route
 
 _CACHE_LIMIT = 65_536  # distinct keys remembered; beyond that routes are matched again
+_CACHED_KEY_BYTES = 256  # longer keys are matched each time (a producer's junk keys are not kept)
 
 
 @dataclass
@@ -92,6 +93,6 @@ class Models:
                 text = None
             if text is not None:
                 found = next((det for route, det in self.routes if route.matches(text)), found)
-        if len(self._cache) < _CACHE_LIMIT:
+        if len(self._cache) < _CACHE_LIMIT and (key is None or len(key) <= _CACHED_KEY_BYTES):
             self._cache[key] = found  # threads may race to the same answer: harmless
         return found

@@ -65,3 +65,17 @@ def test_records_about_a_huge_key_carry_its_digest_and_stay_small() -> None:
     assert alert.value is not None and len(alert.value) < 2 * MAX_KEY_BYTES
     (score,) = producer.to("scores")
     assert score.key == alert.key  # one camera's records share a key, hence a partition
+
+
+def test_junk_frames_of_one_kind_share_one_log_kind() -> None:
+    import random
+
+    scorer, producer = _scorer(), Producer()
+    rng = random.Random(0)
+    junk = [bytes(rng.randrange(256) for _ in range(12)) for _ in range(2000)]
+    junk = [j for j in junk if not j.startswith((b"\x89PNG", b"\xff\xd8\xff", b"\x93NUMPY"))]
+    b = batch([Message("frames", 0, i, j) for i, j in enumerate(junk)])
+    scorer.score_batch(b, producer)
+    assert len(producer.to("sdns-dead-letters")) == len(junk)
+    kinds = scorer.outputs._log_throttle._last
+    assert len(kinds) <= 3, sorted(kinds)[:5]  # 2,000 junk frames once made 1,997 kinds

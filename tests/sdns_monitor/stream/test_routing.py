@@ -80,3 +80,12 @@ def test_each_bundle_loads_once_and_a_reload_reloads_only_what_changed(det: Dete
     assert loads == [Path("own.sdns")]
     assert again.default is models.default and again.for_key(b"a") is models.for_key(b"a")
     assert again.for_key(b"c") is not models.for_key(b"c")
+
+
+def test_the_key_cache_holds_no_long_keys(tiny_bundle: Path) -> None:
+    det = Detector.load(tiny_bundle, device="cpu")
+    route = Route(model=tiny_bundle, key_pattern="lobby-.*")
+    models = Models(det, [(route, det)])
+    for i in range(50):  # fifty 1 MB keys once held 48 MiB in the cache
+        models.for_key(b"%d" % i + b"k" * 1_000_000)
+    assert models.for_key(b"lobby-1") is det and models._cache.keys() == {b"lobby-1"}
