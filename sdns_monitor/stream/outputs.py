@@ -150,9 +150,10 @@ class Outputs:
             batch.futures.append(reference(producer, odd))
 
     def _log_dead_letter(self, exc: BaseException, source: Source) -> None:
-        # One kind per class and reason, numbers and quoted text left out (payload bytes and
-        # shapes would make a new kind of every junk frame).
-        reason = re.sub(r"'[^']*'|\"[^\"]*\"|[0-9]+", "#", str(exc).split(":")[0])[:60]
+        # One kind per class and reason: the reason's words up to its first detail (a colon,
+        # parenthesis, comma or quote), numbers left out, so that payload bytes and shapes do
+        # not make a new kind of every junk frame.
+        reason = re.sub(r"[0-9]+", "#", re.split(r"[:(,'\"]", str(exc), maxsplit=1)[0])[:60]
         kind = f"{type(exc).__name__}:{reason}"
         if self._log_throttle.ready(kind):
             suppressed = self._log_throttle.take_suppressed(kind)
