@@ -7,6 +7,10 @@ import contextlib
 import hashlib
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +22,7 @@ from sdns_monitor.detector import Detector
 from sdns_monitor.errors import SdnsError
 from sdns_monitor.stream import StreamMonitor
 from tests.integration.kafka_helpers import (
+    TANSU_ENV,
     noise,
     png,
     produce,
@@ -200,3 +205,68 @@ def test_a_model_fault_is_retried_not_readied_and_loses_no_frame_to_the_dead_let
         json.loads(m.value)["source"]["offset"] for m in read_all(kafka_broker, names["scores"], 10)
     }
     assert offsets == set(range(10))
+
+
+@pytest.mark.integration
+def test_every_hostile_kind_then_normal_frames_through_run_which_exits_0_on_sigterm(
+    kafka_broker: Broker, tiny_bundle: Path, fashion_test: np.ndarray, tmp_path: Path
+) -> None:
+    names = topics(kafka_broker, "frames", "alerts", "dlq", "scores")
+    topic = names["frames"]
+    bomb = io.BytesIO()
+    Image.new("RGBA", (8000, 8000)).save(bomb, "PNG")
+    produce_doctored(kafka_broker, topic, b"junk", [("n", b"")], {b"n\x00": b"n\x01"})
+    produce_doctored(
+        kafka_broker, topic, png(fashion_test[0]), [("k-X", b"v")], {b"-X": b"\xff\xfe"}
+    )
+    produce(kafka_broker, topic, [bomb.getvalue(), _npy(np.zeros((20_000, 1, 1, 1), np.uint8))])
+    produce(kafka_broker, topic, [b""], key=b"empty")  # an empty value
+    produce(kafka_broker, topic, [png(fashion_test[1])], key=b"k" * 400_000)  # scored
+    normal = [png(image) for image in fashion_test[2:42]]
+    produce(kafka_broker, topic, normal)
+    env = {**os.environ, **TANSU_ENV, "SDNS_BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers}
+    command = [
+        sys.executable,
+        "-m",
+        "sdns_monitor.cli",
+        "run",
+        "--topic",
+        topic,
+        "--model",
+        str(tiny_bundle),
+        "--alert-topic",
+        names["alerts"],
+        "--dlq-topic",
+        names["dlq"],
+        "--scores-topic",
+        names["scores"],
+        "--from-beginning",
+        "--group-id",
+        f"g-{names['run_id']}",
+        "--max-frame-bytes",
+        "200000",
+    ]
+    log = (tmp_path / "run.log").open("w")
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        scored = read_all(kafka_broker, names["scores"], 41, timeout_ms=60_000)
+        assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    offsets = sorted(json.loads(m.value)["source"]["offset"] for m in scored)
+    assert offsets == list(range(5, 46))  # the huge-key frame and every normal frame
+    dead = read_all(kafka_broker, names["dlq"], 5)
+    classes = {
+        int(dict(m.headers)["sdns-source-offset"]): dict(m.headers)["sdns-error-class"]
+        for m in dead
+    }
+    assert classes == {
+        0: b"FrameError",  # junk with a null header value
+        1: b"UnreadableRecord",  # a header key that is not UTF-8: a reference
+        2: b"FrameError",  # the decompression bomb
+        3: b"FrameError",  # 20,000 frames
+        4: b"FrameError",  # empty
+    }
