@@ -2,14 +2,17 @@
 
 Every alert names its frame by `source` (topic, partition, offset, frame index); with
 `--save-dir` the frame is fetched from its topic and written there as a PNG, named
-`KEY_TOPIC-PARTITION-OFFSET[-FRAME].png`. `incident-closed` records print one line too.
+`KEY_TOPIC-PARTITION-OFFSET[-FRAME].png`. Camera alarms (`camera-alarm`, the default of `run`)
+and frame alerts (`alert`, with `run --alerts frames`) are both alerts; `camera-cleared`,
+`camera-silent` and `incident-closed` records print one line each.
 
     python examples/alert_consumer.py --bootstrap-servers 127.0.0.1:9092 \\
         --alert-topic sdns-alerts --save-dir flagged/
 
 Output lines (stdout):
-    ALERT  cam-7  score 12.41  p 0.0033  incident cam-7@1767200000000 (frame 1, alert 1)  camera-frames/0/42  -> flagged/cam-7_camera-frames-0-42.png
-    CLOSED cam-7  incident cam-7@1767200000000 after 6 frames, 1 alerts
+    ALERT  cam-7  score 12.41  p 0.0033  alarm 5d1e0c2f9a7b3e41@0:42 (since offset 35, alert 1)  camera-frames/0/42  -> flagged/cam-7_camera-frames-0-42.png
+    CLEARED cam-7  alarm 5d1e0c2f9a7b3e41@0:42 after 61 frames, 1 alerts
+    SILENT cam-3  no frame for 300 s; last camera-frames/1/977
 
 `--max-alerts N` stops after N alerts and `--timeout S` after S seconds, for scripts: the exit
 status is 1 when `--max-alerts` was given and fewer alerts came within `--timeout`. Without
@@ -34,7 +37,14 @@ from pydantic import ValidationError
 
 from sdns_monitor.errors import FrameError
 from sdns_monitor.frames import decode_bytes
-from sdns_monitor.records import Alert, IncidentClosed, Source
+from sdns_monitor.records import (
+    Alert,
+    CameraAlert,
+    CameraCleared,
+    CameraSilent,
+    IncidentClosed,
+    Source,
+)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -90,11 +100,14 @@ def save_frame(value: bytes, source: Source, save_dir: Path) -> Path:
     return path
 
 
-def describe(alert: Alert, saved: str) -> str:
+def describe(alert: Alert | CameraAlert, saved: str) -> str:
     """The one line printed for an alert."""
     s = alert.source
     incident = ""
-    if alert.incident is not None:
+    if isinstance(alert, CameraAlert):
+        a = alert.alarm
+        incident = f"  alarm {a.id} (since offset {a.first_frame.offset}, alert {a.alerts})"
+    elif alert.incident is not None:
         i = alert.incident
         incident = f"  incident {i.id} (frame {i.frames}, alert {i.alerts})"
     where = f"{s.topic}/{s.partition}/{s.offset}" + (f"#{s.frame_index}" if s.frame_index else "")
@@ -174,7 +187,7 @@ def _handle(
     record: Any, fetcher: FrameFetcher | None, save_dir: Path | None, log: Any
 ) -> str | None:
     """The line for one alert-topic record, having saved its frame; None for records that are
-    neither alerts nor incident closings."""
+    none of the kinds `run` writes there."""
     where = f"{record.topic}/{record.partition}/{record.offset}"
     try:
         data = json.loads(record.value)
@@ -185,7 +198,24 @@ def _handle(
                 f"CLOSED {closed.key}  incident {closed.incident_id} after {closed.frames} "
                 f"frames, {closed.alerts} alerts"
             )
-        alert = Alert.model_validate(data)
+        if kind == "camera-cleared":
+            cleared = CameraCleared.model_validate(data)
+            return (
+                f"CLEARED {cleared.key}  alarm {cleared.alarm_id} after {cleared.frames} "
+                f"frames, {cleared.alerts} alerts"
+            )
+        if kind == "camera-silent":
+            silent = CameraSilent.model_validate(data)
+            last = silent.last_frame
+            return (
+                f"SILENT {silent.key}  no frame for {silent.silent_s:.0f} s; last "
+                f"{last.topic}/{last.partition}/{last.offset}"
+            )
+        alert: Alert | CameraAlert = (
+            CameraAlert.model_validate(data)
+            if kind == "camera-alarm"
+            else Alert.model_validate(data)
+        )
     except (ValueError, ValidationError) as exc:  # JSONDecodeError is a ValueError
         log(f"warning: {where} is not an alert record ({' '.join(str(exc).split())[:200]})")
         return None

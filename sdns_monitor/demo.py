@@ -10,9 +10,10 @@ truth of every frame:
 - `broken-cam`: noise, stripes and black frames (a failing sensor);
 - a few corrupt messages (truncated PNG, random bytes, empty), which go to the dead-letter topic.
 
-The summary gives precision and recall of the flagged frames and of the alerts (one alert per
-incident: a broken camera raises one alert, not one per frame), frames/s, and a report file with
-the flagged frames as thumbnails.
+The summary gives precision and recall of the flagged frames, which cameras raised an alarm
+and how many of their frames each took (a camera alarm, `run`'s default: a broken camera raises
+one alert, not one per frame; healthy cameras should raise none), frames/s, and a report file
+with the flagged frames as thumbnails.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class DemoSummary:
     flagged_precision: float
     flagged_recall: float
     alert_precision: float  # alerts on out-of-distribution frames / alerts
-    cameras_alerted: dict[str, bool]  # OOD camera -> raised at least one alert
+    cameras_alerted: dict[str, int | None]  # camera -> its frames until its first alert, or None
     false_alarm_rate: float  # flagged / frames among in-distribution frames
     report: Path | None = None
     thumbnails: dict[str, list[tuple[np.ndarray, float, float]]] = field(default_factory=dict)
@@ -252,10 +253,18 @@ def _measure(
         fn += (not flagged) and frame.ood
         if flagged and frame.image is not None:
             thumbs.setdefault(frame.kind, []).append((frame.image, s["score"], s["p_value"]))
-    alerts = [r for r in records if r.get("kind") == "alert"]
+    alerts = [r for r in records if r.get("kind") in ("alert", "camera-alarm")]
     alert_ood = [truth[(a["source"]["partition"], a["source"]["offset"])].ood for a in alerts]
-    alerted = {a["source"]["key"] for a in alerts}
-    ood_cameras = sorted({f.camera for f in truth.values() if f.ood})
+    # A camera's frames in order (one partition per key), and where its first alert came.
+    order: dict[str, list[int]] = {}
+    for (_partition, offset), f in sorted(truth.items()):
+        if f.image is not None:
+            order.setdefault(f.camera, []).append(offset)
+    first: dict[str, int] = {}
+    for a in alerts:
+        camera, offset = a["source"]["key"], a["source"]["offset"]
+        if camera in order and offset in order[camera]:
+            first[camera] = min(first.get(camera, 10**9), order[camera].index(offset) + 1)
     id_counts = per_kind.get("fashion-mnist", Counter())
     return DemoSummary(
         frames=len(scores),
@@ -269,7 +278,7 @@ def _measure(
         flagged_precision=tp / max(tp + fp, 1),
         flagged_recall=tp / max(tp + fn, 1),
         alert_precision=sum(alert_ood) / max(len(alerts), 1),
-        cameras_alerted={c: c in alerted for c in ood_cameras},
+        cameras_alerted={c: first.get(c) for c in sorted(order)},
         false_alarm_rate=id_counts["flagged"] / max(id_counts["frames"], 1),
         thumbnails=thumbs,
     )
@@ -277,7 +286,13 @@ def _measure(
 
 def summary_rows(s: DemoSummary) -> list[tuple[str, str]]:
     """The summary table as (what, value) rows, for the terminal and the report."""
-    cams = ", ".join(f"{c} {'yes' if hit else 'NO'}" for c, hit in s.cameras_alerted.items())
+    ood = {f for f in OOD_KINDS.values()}
+    healthy = [c for c, n in s.cameras_alerted.items() if c not in ood and n is not None]
+    cams = ", ".join(
+        f"{c} {'NO' if n is None else f'after {n} frames'}"
+        for c, n in s.cameras_alerted.items()
+        if c in ood
+    )
     return [
         ("frames scored", f"{s.frames}"),
         ("dead letters (corrupt messages)", f"{s.dead_letters}"),
@@ -287,8 +302,9 @@ def summary_rows(s: DemoSummary) -> list[tuple[str, str]]:
             f"{s.flagged_precision:.3f} / {s.flagged_recall:.3f}",
         ),
         ("false alarms among in-distribution frames", f"{s.false_alarm_rate:.3f}"),
-        ("alerts published (one per incident and cooldown)", f"{s.alerts}"),
+        ("alerts published (camera alarms and reminders)", f"{s.alerts}"),
         ("alerts on out-of-distribution frames", f"{s.alert_precision:.3f}"),
+        ("healthy cameras alerted", ", ".join(healthy) or "none"),
         ("out-of-distribution cameras alerted", cams),
         (
             "end-to-end frames/s (consume, decode, score, produce, commit)",

@@ -47,6 +47,11 @@ class ScoringUnavailable(OutputError):
     retried, as when outputs are not delivered."""
 
 
+class OutputRefused(SdnsError):
+    """A record `run` produced (an alert, a score) that the broker refused for good; a
+    dead-letter reference names the frame it was about."""
+
+
 class BrokerUnreachable(SdnsError):
     """No Kafka broker answered when `run` started."""
 

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: camera alarms (camera-alarm, -cleared, -silent); incident ids without keys
 
 # Headers a dead letter carries besides the original message's own.
 DLQ_HEADERS = (
@@ -95,6 +95,65 @@ class IncidentClosed(BaseModel):
     closed_at_ms: int
     frames: int
     alerts: int
+
+
+class AlarmRef(BaseModel):
+    """A camera's alarm: open from the frame that crossed the threshold until it clears."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str  # DIGEST@PARTITION:OFFSET of the opening frame: the same after a restart or replay
+    opened_at_ms: int  # event time (the opening frame's timestamp)
+    first_frame: Source  # where the change most likely began (the CUSUM's last zero)
+    evidence: float  # the test statistic when this record was made (nats)
+    threshold: float  # the statistic's alarm level, log of the expected run between false alarms
+    frames: int = Field(ge=1)  # frames of the camera since the alarm opened, this one included
+    alerts: int = Field(ge=1)  # alerts sent for it so far, this one included
+
+
+class CameraAlert(BaseModel):
+    """A camera's frames stopped looking like the reference: its alarm opened (or, with
+    `reminder`, is still open a cooldown later). Keyed by the camera's key."""
+
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+    kind: Literal["camera-alarm"] = "camera-alarm"
+    source: Source  # the frame that opened the alarm, or the latest one for a reminder
+    score: float
+    p_value: float
+    model: ModelRef
+    detected_at_ms: int  # wall clock
+    reminder: bool = False
+    alarm: AlarmRef
+
+
+class CameraCleared(BaseModel):
+    """The camera's frames look normal again: its alarm closed."""
+
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+    kind: Literal["camera-cleared"] = "camera-cleared"
+    key: str | None
+    key_encoding: KeyEncoding | None = None
+    alarm_id: str
+    opened_at_ms: int
+    cleared_at_ms: int  # event time of the frame that cleared it
+    source: Source  # that frame
+    frames: int  # frames of the camera while the alarm was open
+    alerts: int
+
+
+class CameraSilent(BaseModel):
+    """No frame from a camera for `silent_after_s` of the monitor's own clock (event time does
+    not move for a dead camera). Sent once per silence."""
+
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+    kind: Literal["camera-silent"] = "camera-silent"
+    key: str | None
+    key_encoding: KeyEncoding | None = None
+    last_frame: Source
+    silent_s: float
+    detected_at_ms: int
 
 
 def encode_key(key: bytes | None) -> tuple[str | None, KeyEncoding | None]:

@@ -259,7 +259,14 @@ def _assert_complete(model: type[BaseModel], example: dict[str, Any], where: str
 
 def test_record_examples_validate_against_the_real_models() -> None:
     examples = _examples()
-    assert set(examples) >= {"Alert", "ScoreRecord", "IncidentClosed"}
+    assert set(examples) >= {
+        "Alert",
+        "ScoreRecord",
+        "IncidentClosed",
+        "CameraAlert",
+        "CameraCleared",
+        "CameraSilent",
+    }
     for name, example in examples.items():
         model = getattr(records, name)
         model.model_validate(example)
@@ -274,8 +281,15 @@ def test_record_fields_dead_letter_headers_and_specs_are_documented() -> None:
     documented = {c[0] for c in _table_rows(text) if c}
     for field in records.Alert.model_fields:
         assert any(field in cell for cell in documented), f"alert field {field}"
-    for field in records.IncidentClosed.model_fields:
-        assert any(field in cell for cell in documented), f"incident-closed field {field}"
+    for model in (
+        records.IncidentClosed,
+        records.CameraAlert,
+        records.AlarmRef,
+        records.CameraCleared,
+        records.CameraSilent,
+    ):
+        for field in model.model_fields:
+            assert any(field in cell for cell in documented), f"{model.__name__} field {field}"
     for name in USAGE:
         assert re.search(rf"`{re.escape(name)}[:\[`@/]", text), f"dataset spec {name}"
 

@@ -183,18 +183,63 @@ class RunSettings(BaseModel):
         description="Port of `/metrics`, `/healthz` and `/readyz`; `0` picks a free one (logged "
         "at start), `off` serves nothing.",
     )
+    alerts: Literal["cameras", "frames"] = Field(
+        default="cameras",
+        description="What raises an alert. `cameras`: a camera's alarm, a sequential test over "
+        "its frames' p-values that opens when they stop looking like healthy ones, with "
+        "`camera_ert_frames` healthy frames between false alarms; a reminder per "
+        "`incident_cooldown_s` while it is open, a `camera-cleared` record when it clears. "
+        "`frames`: an incident per key from any flagged frame (before 0.2).",
+    )
+    camera_ert_frames: float = Field(
+        default=63_115_200.0,
+        gt=1,
+        description="Expected run between false camera alarms, in healthy frames of one camera "
+        "(the default is a year of a camera at 2 frames/s); a guaranteed lower bound for "
+        "independent healthy frames within `camera_margin` of the calibration.",
+    )
+    camera_margin: float = Field(
+        default=1.5,
+        ge=1,
+        description="How much more often than the alarm rate a healthy camera's frames may be "
+        "flagged with the false-alarm bound still holding (the reference images and a camera's "
+        "own frames differ a little). Larger is safer and slower to alarm.",
+    )
+    silent_after_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="A camera that sent frames and then none for this many seconds of the "
+        "monitor's clock gets one `camera-silent` alert (0: never).",
+    )
+    event_time: Literal["message", "arrival"] = Field(
+        default="message",
+        description="The clock of cooldowns and windows: the message timestamp (a replayed "
+        "backlog then behaves as the live stream did) or the time `run` consumed it.",
+    )
+    max_clock_skew_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Message timestamps more than this far ahead of the monitor's clock, or "
+        "behind the camera's latest, are clamped (and counted): a broken producer's clock "
+        "cannot close or freeze every incident.",
+    )
+    camera_expiry_s: float = Field(
+        default=7 * 86_400.0,
+        gt=0,
+        description="The state of a camera not seen for this long (monitor's clock) is dropped.",
+    )
     incident_window_s: float = Field(
         default=60.0,
         gt=0,
-        description="Per key: a flagged frame within this many seconds of the key's last "
-        "flagged frame belongs to the same incident; a key quiet for this long has its "
-        "incident closed.",
+        description="With `alerts = frames`: a flagged frame within this many seconds of the "
+        "key's last flagged frame belongs to the same incident; a key quiet for this long has "
+        "its incident closed.",
     )
     incident_cooldown_s: float = Field(
         default=300.0,
         ge=0,
-        description="Within one incident, at most one alert per this many seconds (0: an "
-        "alert for every flagged frame).",
+        description="At most one alert per this many seconds of event time for one open camera "
+        "alarm (reminders) or frame incident (0: an alert for every flagged frame).",
     )
     reload_check_s: float = Field(
         default=10.0,

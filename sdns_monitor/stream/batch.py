@@ -19,7 +19,7 @@ import numpy as np
 from sdns_monitor.detector import Detector
 from sdns_monitor.errors import FrameError, UnreadableRecord
 from sdns_monitor.frames import decode_bytes
-from sdns_monitor.records import Alert, Source, encode_key, output_key
+from sdns_monitor.records import Alert, CameraAlert, Source, encode_key, output_key
 from sdns_monitor.settings import RunSettings
 from sdns_monitor.stream.intake import UnreadableMessage
 from sdns_monitor.stream.routing import Models
@@ -82,9 +82,10 @@ class Batch:
     messages_by_topic: Tally[str] = field(default_factory=Tally)
     frames: Tally[str] = field(default_factory=Tally)
     flagged: Tally[str] = field(default_factory=Tally)
-    alerts: list[Alert] = field(default_factory=list)
+    alerts: list[Alert | CameraAlert] = field(default_factory=list)
     dead_letters: Tally[str] = field(default_factory=Tally)  # per error class
-    incidents_closed: int = 0
+    incidents_closed: int = 0  # frame incidents closed, camera alarms cleared
+    silences: int = 0  # camera-silent records
     closed_ids: list[str] = field(default_factory=list)
 
     @property

@@ -15,7 +15,7 @@ from collections import Counter as Tally
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sdns_monitor.records import Alert
+from sdns_monitor.records import Alert, CameraAlert
 from sdns_monitor.stream.batch import Batch
 from sdns_monitor.stream.prometheus import Metrics
 
@@ -62,7 +62,7 @@ class Status:
     def __init__(
         self,
         joined: threading.Event,
-        on_alert: Callable[[Alert], None] | None = None,
+        on_alert: Callable[[Alert | CameraAlert], None] | None = None,
     ) -> None:
         self.stats = StreamStats()
         self.metrics = Metrics()

@@ -32,7 +32,7 @@ from typing import Any
 
 from sdns_monitor.detector import Detector
 from sdns_monitor.errors import ScoringUnavailable, SdnsError
-from sdns_monitor.records import Alert
+from sdns_monitor.records import Alert, CameraAlert
 from sdns_monitor.scoring import cannot_flag
 from sdns_monitor.settings import RunSettings
 from sdns_monitor.stream import kafka
@@ -70,7 +70,7 @@ class StreamMonitor:
         self,
         settings: RunSettings,
         detector: Detector | None = None,
-        on_alert: Callable[[Alert], None] | None = None,
+        on_alert: Callable[[Alert | CameraAlert], None] | None = None,
     ) -> None:
         self.settings = settings
         reuse = None if detector is None else Models(detector)
@@ -325,7 +325,7 @@ class StreamMonitor:
         self.status.gauges(
             kafka.consumer_lag(consumer),
             watch.problem(consumer),
-            self.scorer.incidents.open_count,
+            self.scorer.alerting.open_count,
             self.inflight.assigned,
             time.monotonic() - self.inflight.head.started if len(self.inflight) else 0.0,
         )

@@ -8,8 +8,10 @@ Two kinds of failure, told apart as Kafka Streams' production exception handler 
   large for the topic's `max.message.bytes` or the producer's request limit, invalid).
   Retrying would fail the batch forever, so the record is replaced: a dead letter by a
   reference (no value, an empty key, the `sdns-*` headers saying where the original is); a
-  score or alert record (small, since keys are bounded: records.MAX_KEY_BYTES) is dropped. Both
-  are logged and counted (`sdns_refused_records_total{topic}`), and the stream goes on.
+  score or alert record (small, since keys are bounded: records.MAX_KEY_BYTES; refused, say, by
+  a schema the topic enforces) by a dead-letter reference to its frame with
+  `sdns-error-class: OutputRefused`. Both are logged and counted
+  (`sdns_refused_records_total{topic}`), and the stream goes on.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from kafka.errors import InvalidRecordError, MessageSizeTooLargeError, RecordListTooLargeError
 
+from sdns_monitor.errors import OutputRefused
 from sdns_monitor.records import Source, dead_letter_headers
 from sdns_monitor.stream.batch import Batch
 from sdns_monitor.stream.logs import Throttle
@@ -68,16 +71,27 @@ class Outputs:
         key: bytes | None,
         value: bytes | None,
         headers: list[tuple[str, bytes]] | None = None,
+        about: Source | None = None,
         instead: Instead | None = None,
     ) -> None:
-        """Send one record of `batch`; `instead` stands in for it if it is refused for good."""
+        """Send one record of `batch`; `instead` stands in for it if it is refused for good
+        (by default, for a record `about` a frame, a dead-letter reference to that frame)."""
+        if instead is None and about is not None:
+            instead = self._refused_output(topic, about)
         try:
             future = producer.send(topic, key=key, value=value, headers=headers)
         except REFUSED as exc:  # the client's own size check, before anything is sent
             future, instead = self._refused(batch, producer, topic, exc, instead), None
         batch.futures.append(future)
-        if instead is not None:
-            batch.fallbacks[len(batch.futures) - 1] = (topic, instead)
+        batch.fallbacks[len(batch.futures) - 1] = (topic, instead)
+
+    def _refused_output(self, topic: str, about: Source) -> Instead:
+        def reference(producer: Any, refusal: BaseException) -> Any:
+            error = OutputRefused(f"the record for {topic} was refused for good: {refusal}")
+            headers = dead_letter_headers([], error, about)
+            return producer.send(self.dlq_topic, key=b"", value=None, headers=headers)
+
+        return reference
 
     def recover(self, batch: Batch, producer: Any) -> bool:
         """Replace the records of `batch` that were refused for good by their stand-ins. False
@@ -88,9 +102,9 @@ class Outputs:
         if not failed or not all(isinstance(batch.futures[i].exception, REFUSED) for i in failed):
             return False
         for i in failed:
-            topic, instead = batch.fallbacks.pop(i, (None, None))
+            topic, instead = batch.fallbacks.pop(i, ("?", None))
             refusal = batch.futures[i].exception
-            batch.futures[i] = self._refused(batch, producer, topic or "?", refusal, instead)
+            batch.futures[i] = self._refused(batch, producer, topic, refusal, instead)
         return True
 
     def _refused(

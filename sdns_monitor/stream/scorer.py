@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,20 +20,18 @@ from kafka.errors import KafkaError
 
 from sdns_monitor.errors import FrameError, OutputError, ScoringUnavailable
 from sdns_monitor.records import (
-    Alert,
     ModelRef,
     ScoreRecord,
-    decode_key,
     to_json,
 )
 from sdns_monitor.settings import RunSettings
+from sdns_monitor.stream.alerting import Verdict, make_alerting
 from sdns_monitor.stream.batch import Batch, Decoded, Frame
-from sdns_monitor.stream.incidents import IncidentTracker
 from sdns_monitor.stream.outputs import Outputs
 
 log = logging.getLogger("sdns_monitor.stream")
 
-IDLE_S = 0.5  # an idle scorer looks for quiet incidents to close this often
+IDLE_S = 0.5  # an idle scorer looks for quiet incidents and silent cameras this often
 BREAKER_FRAMES = 3  # failed frames in a row, none scored between, that make a model fault
 
 
@@ -49,7 +46,8 @@ class Scorer:
         outputs_ok: Callable[[], bool] = lambda: True,
     ) -> None:
         self.settings = settings
-        self.incidents = IncidentTracker(settings.incident_window_s, settings.incident_cooldown_s)
+        self.outputs = Outputs(settings.dlq_topic, settings.max_frame_bytes)
+        self.alerting = make_alerting(settings, self.outputs)
         self.generation = 0  # read by the loop when it makes a batch; written under _lock
         self._on_delivered = on_delivered  # stats of a batch delivered by `process`
         self._outputs_ok = outputs_ok
@@ -58,7 +56,6 @@ class Scorer:
         self._thread: threading.Thread | None = None
         self.died: BaseException | None = None  # what killed the scoring thread, if anything
         self.failing_frames = 0  # frames that failed to score since one last scored
-        self.outputs = Outputs(settings.dlq_topic, settings.max_frame_bytes)
 
     # ------------------------------------------------------------------ the thread
     def start(self, producer: Callable[[], Any]) -> None:
@@ -93,7 +90,7 @@ class Scorer:
             try:
                 batch = self._queue.get(timeout=IDLE_S)
             except queue.Empty:
-                if self.incidents.open_count and self._outputs_ok():
+                if self.alerting.idle_work() and self._outputs_ok():
                     self._close_quiet_incidents(producer())
                 continue
             if batch is None:
@@ -110,7 +107,7 @@ class Scorer:
         with self._lock:
             self.generation += 1
             if failed.snapshot is not None:
-                self.incidents.restore(failed.snapshot)
+                self.alerting.restore(failed.snapshot)
 
     # ------------------------------------------------------------------ one batch
     def process(self, batch: Batch, producer: Any) -> None:
@@ -128,7 +125,7 @@ class Scorer:
                 # Unless the loop abandoned the batches in flight meanwhile: it restored the
                 # state from before all of them, which this batch's snapshot is not.
                 if batch.snapshot is not None and self.generation == generation:
-                    self.incidents.restore(batch.snapshot)
+                    self.alerting.restore(batch.snapshot)
             if isinstance(batch.error, OutputError) or batch.error is None:
                 raise OutputError(batch.failure())
             raise batch.error
@@ -137,7 +134,7 @@ class Scorer:
     def score_batch(self, batch: Batch, producer: Any) -> None:
         """Dead-letter the undecodable messages, score the frames, close quiet incidents; a
         failure is left in `batch.error` (an OutputError, or a bug that stops the loop)."""
-        batch.snapshot = self.incidents.snapshot()
+        batch.snapshot = self.alerting.snapshot()
         try:
             assert batch.decoded is not None
             decoded = batch.decoded.result()
@@ -148,7 +145,7 @@ class Scorer:
                 batch.dead_letters[type(bad.error).__name__] += 1
             if decoded.frames:
                 self._score(decoded.frames, batch, producer)
-            self._close_incidents(producer, batch)
+            self.alerting.tick(batch, producer)
         except KafkaError as exc:  # raised by send() itself: e.g. no metadata for a topic
             batch.error = OutputError(f"{type(exc).__name__}: {exc}")
         except ScoringUnavailable as exc:  # retried like an output failure
@@ -160,7 +157,7 @@ class Scorer:
     def _score(self, frames: list[Frame], batch: Batch, producer: Any) -> None:
         """Score the frames model by model; send their records in offset order."""
         s = self.settings
-        verdicts: dict[int, tuple[float, float, bool, float | None, float | None]] = {}
+        verdicts: dict[int, Verdict] = {}
         for detector in {id(f.detector): f.detector for f in frames}.values():
             mine = [f for f in frames if f.detector is detector]
             try:
@@ -170,49 +167,38 @@ class Scorer:
                 if not mine:
                     continue
             result = detector.result(scores, alarm_rate=s.alarm_rate, threshold=s.threshold)
+            model = ModelRef(hash=detector.hash, name=detector.name)
             for i, frame in enumerate(mine):
-                verdicts[id(frame)] = (
+                verdicts[id(frame)] = Verdict(
                     float(result.scores[i]),
                     float(result.p_values[i]),
                     bool(result.flags[i]),
                     result.alarm_rate,
                     result.threshold,
+                    model,
                 )
-        now_ms = int(time.time() * 1000)
-        for frame in frames:
-            if id(frame) not in verdicts:  # dead-lettered by _score_one_by_one
-                continue
-            score, p_value, flagged, alarm_rate, threshold = verdicts[id(frame)]
-            model = ModelRef(hash=frame.detector.hash, name=frame.detector.name)
+        scored = [(f, verdicts[id(f)]) for f in frames if id(f) in verdicts]  # offset order
+        for frame, v in scored:
             topic = frame.source.topic
             batch.frames[topic] += 1
+            batch.flagged[topic] += v.flagged
             if s.scores_topic:
                 record = ScoreRecord(
-                    source=frame.source, score=score, p_value=p_value, flagged=flagged, model=model
+                    source=frame.source,
+                    score=v.score,
+                    p_value=v.p_value,
+                    flagged=v.flagged,
+                    model=v.model,
                 )
                 self.outputs.send(
-                    batch, producer, s.scores_topic, key=frame.key, value=to_json(record)
+                    batch,
+                    producer,
+                    s.scores_topic,
+                    key=frame.key,
+                    value=to_json(record),
+                    about=frame.source,
                 )
-            if not flagged:
-                continue
-            batch.flagged[topic] += 1
-            incident, send = self.incidents.flagged(
-                frame.source.key, frame.source.key_encoding, now_ms
-            )
-            if not send:
-                continue
-            alert = Alert(
-                source=frame.source,
-                score=score,
-                p_value=p_value,
-                alarm_rate=alarm_rate,
-                threshold=threshold,
-                model=model,
-                detected_at_ms=now_ms,
-                incident=incident,
-            )
-            batch.alerts.append(alert)
-            self.outputs.send(batch, producer, s.alert_topic, key=frame.key, value=to_json(alert))
+        self.alerting.frames(batch, producer, scored)
 
     def _score_one_by_one(
         self, frames: list[Frame], batch: Batch, producer: Any
@@ -256,16 +242,6 @@ class Scorer:
             self.outputs.dead_letter(batch, producer, message, error, frame.source)
             batch.dead_letters["ScoringError"] += 1
         return kept, np.asarray(scores, dtype=np.float64)
-
-    def _close_incidents(self, producer: Any, batch: Batch) -> None:
-        """Send a closing record for every incident whose key has been quiet for a window."""
-        for closed in self.incidents.expire(int(time.time() * 1000)):
-            batch.incidents_closed += 1
-            batch.closed_ids.append(f"{closed.incident_id} ({closed.frames} flagged frames)")
-            key = None if closed.key is None else decode_key(closed.key, closed.key_encoding)
-            self.outputs.send(
-                batch, producer, self.settings.alert_topic, key=key, value=to_json(closed)
-            )
 
     def _close_quiet_incidents(self, producer: Any) -> None:
         """On an idle stream: close quiet incidents (retried next time if their records are not

@@ -87,8 +87,11 @@ def read_json(broker: Broker, topic: str, expect: int, timeout_ms: int = 8000) -
 
 
 def run_settings(broker: Broker, bundle: Path, names: dict[str, str], **extra: Any) -> RunSettings:
-    """Settings of a monitor reading names["frames"] from the beginning, in its own group."""
+    """Settings of a monitor reading names["frames"] from the beginning, in its own group,
+    with frame incidents (`alerts = frames`: one flagged frame, one alert) unless `alerts` is
+    given: most tests here are about delivery, and camera alarms need many frames."""
     given = {
+        "alerts": "frames",
         "topic": [names["frames"]],
         "model": str(bundle),
         "group_id": f"g-{names['run_id']}",

@@ -35,6 +35,8 @@ def _start(
             names["frames"],
             "--model",
             str(bundle),
+            "--alerts",
+            "frames",
             "--alert-topic",
             names["alerts"],
             "--scores-topic",

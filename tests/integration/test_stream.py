@@ -107,6 +107,8 @@ def test_cli_run_stops_cleanly_on_sigterm(kafka_broker: Broker, tiny_bundle: Pat
             names["frames"],
             "--model",
             str(tiny_bundle),
+            "--alerts",
+            "frames",
             "--alert-topic",
             names["alerts"],
             "--from-beginning",

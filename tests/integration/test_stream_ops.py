@@ -92,37 +92,35 @@ def test_metrics_and_probes_follow_the_stream(
 
 
 @pytest.mark.integration
-def test_rejected_outputs_are_retried_and_never_committed(
+def test_outputs_the_broker_refuses_for_good_become_dead_letter_references(
     tmp_path: Path, tiny_bundle: Path, det: Detector
 ) -> None:
-    """The broker refuses every alert (a schema the alerts do not meet). The monitor keeps
-    retrying the batch, commits nothing, says not ready; a monitor of the same group with a
-    working alert topic then gets every frame."""
+    """The broker refuses every alert (a schema the alerts do not meet: INVALID_RECORD, which
+    no retry can fix). Each refused alert becomes a dead-letter reference to its frame, counted,
+    and the stream goes on and commits, rather than retrying the batch forever."""
     schemas = tmp_path / "schemas"
     schemas.mkdir()
     with start_broker(log=tmp_path / "tansu.log", schema_registry=schemas) as broker:
-        names = topics(broker, "frames", "alerts", "alerts2")
+        names = topics(broker, "frames", "alerts", "dlq")
         (schemas / f"{names['alerts']}.json").write_text(
             json.dumps({"type": "object", "properties": {"value": {"required": ["never"]}}})
         )
         produce(broker, names["frames"], [png(image) for image in noise(3, seed=4)])
         settings = run_settings(broker, tiny_bundle, names, incident_cooldown_s=0)
-        monitor = StreamMonitor(settings, detector=det).start()
-        try:
-            wait_for(lambda: monitor.stats.output_failures >= 2, 60, "two failed deliveries")
-            assert monitor.not_ready() is not None and "not delivered" in monitor.not_ready()
-            assert monitor.health is not None
-            status, _ = http_get(f"http://127.0.0.1:{monitor.health.port}/readyz")
-            assert status == 503
-            assert monitor.stats.frames == 0 and monitor.stats.alerts == 0  # nothing counted
-        finally:
-            stats = monitor.stop()
-        assert _committed(broker, settings.group_id, names["frames"]) is None
-
-        fixed = settings.model_copy(update={"alert_topic": names["alerts2"]})
-        stats = StreamMonitor(fixed, detector=det).run(idle_exit_s=3.0)
-        assert (stats.frames, stats.alerts) == (3, 3)
-        assert len(read_json(broker, names["alerts2"], 3)) == 3
+        monitor = StreamMonitor(settings, detector=det)
+        stats = monitor.run(idle_exit_s=3.0)
+        assert (stats.frames, stats.alerts, stats.output_failures) == (3, 3, 0)
+        refused = metric(
+            monitor.metrics.exposition().decode(),
+            "sdns_refused_records_total",
+            topic=names["alerts"],
+        )
+        assert refused == 3
+        dead = read_all(broker, names["dlq"], 3)
+        headers = [dict(m.headers) for m in dead]
+        assert [h["sdns-error-class"] for h in headers] == [b"OutputRefused"] * 3
+        assert sorted(int(h["sdns-source-offset"]) for h in headers) == [0, 1, 2]
+        assert all(m.value is None for m in dead)
         assert _committed(broker, settings.group_id, names["frames"]) == 3
 
 
@@ -429,6 +427,8 @@ def _run_cli(broker: Broker, bundle: Path, names: dict[str, str], *extra: str) -
             names["frames"],
             "--model",
             str(bundle),
+            "--alerts",
+            "frames",
             "--alert-topic",
             names["alerts"],
             "--scores-topic",

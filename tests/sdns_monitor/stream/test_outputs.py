@@ -12,7 +12,7 @@ BIG = b"x" * 5000
 
 
 def _scorer() -> Scorer:
-    return Scorer(settings(), lambda batch: None)
+    return Scorer(settings(alerts="frames"), lambda batch: None)
 
 
 def test_a_dead_letter_too_large_for_the_client_goes_as_a_reference() -> None:

@@ -19,8 +19,9 @@ DARK, BRIGHT = 20, 250  # scores 0.08 (p = 0.92) and 0.98 (p = 0.02 < 0.05: flag
 
 
 def _scorer(**overrides: object) -> tuple[Scorer, list[Batch]]:
+    """A scorer with frame incidents (`alerts = frames`): one flagged frame, one alert."""
     delivered: list[Batch] = []
-    return Scorer(settings(**overrides), delivered.append), delivered
+    return Scorer(settings(alerts="frames", **overrides), delivered.append), delivered
 
 
 def test_frames_become_score_records_in_offset_order_and_flagged_ones_alerts() -> None:
@@ -94,9 +95,9 @@ def test_abandon_rolls_the_incident_back_so_the_retry_alerts_again() -> None:
     messages = [Message("frames", 0, 0, png(BRIGHT))]
     failed = batch(messages)
     scorer.score_batch(failed, producer)
-    assert len(failed.alerts) == 1 and scorer.incidents.open_count == 1
+    assert len(failed.alerts) == 1 and scorer.alerting.open_count == 1
     scorer.abandon(failed)  # its alert was never acknowledged
-    assert scorer.incidents.open_count == 0
+    assert scorer.alerting.open_count == 0
     retried = batch(messages, generation=scorer.generation)
     scorer.score_batch(retried, producer)
     assert len(retried.alerts) == 1  # a new incident's first alert, not a silent extension
@@ -127,7 +128,7 @@ def test_process_delivers_and_counts_or_raises_and_changes_nothing() -> None:
     other, _ = _scorer()
     with pytest.raises(OutputError, match="records were not delivered"):
         other.process(refused, Producer(refuse={"sdns-alerts"}))
-    assert other.incidents.open_count == 0  # rolled back: the retry opens it again
+    assert other.alerting.open_count == 0  # rolled back: the retry opens it again
 
 
 def test_an_idle_scorer_closes_quiet_incidents() -> None:
@@ -171,7 +172,7 @@ def test_an_idle_closing_that_fails_after_an_abandon_keeps_the_abandons_state() 
         scorer.process(closing, _AbandonDuringFlush(scorer, first))
     # The abandon rolled back to before `first`: no incident, so its retry alerts again. The
     # closing's own snapshot (cam-1 open) must not be restored over it.
-    assert scorer.incidents.open_count == 0
+    assert scorer.alerting.open_count == 0
 
 
 class _Faulty(Detector):
@@ -212,3 +213,19 @@ def test_frames_that_fail_beside_frames_that_score_are_dead_letters_not_a_fault(
     alone = batch([Message("frames", 0, 3, png(BRIGHT))], detector=poisoned)
     scorer.score_batch(alone, producer)  # one failure after a success: still the frame's
     assert alone.error is None and alone.dead_letters == {"ScoringError": 1}
+
+
+def test_with_camera_alarms_a_camera_alerts_once_when_its_frames_change() -> None:
+    scorer = Scorer(settings(), lambda batch: None)  # alerts = cameras, the default
+    producer = Producer()
+    healthy = batch([Message("frames", 0, i, png(DARK), key=b"cam-1") for i in range(20)])
+    scorer.score_batch(healthy, producer)
+    assert producer.to("sdns-alerts") == []
+    broken = batch([Message("frames", 0, 20 + i, png(255), key=b"cam-1") for i in range(40)])
+    scorer.score_batch(broken, producer)
+    (alert,) = producer.to("sdns-alerts")  # one alert for the camera, not one per frame
+    body = json.loads(alert.value)
+    assert body["kind"] == "camera-alarm" and alert.key == b"cam-1"
+    assert body["alarm"]["first_frame"]["offset"] == 20 and body["alarm"]["alerts"] == 1
+    assert 20 < body["source"]["offset"] < 40 and scorer.alerting.open_count == 1
+    assert broken.flagged["frames"] == 40  # every flagged frame still counted

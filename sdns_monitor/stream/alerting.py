@@ -1,0 +1,180 @@
+"""What turns scored frames into alerts, by `--alerts`: camera alarms (the default) or frame
+incidents. Both are the scorer thread's, and undo a failed batch's changes the same way
+(`snapshot` before a batch, `restore` to it)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from sdns_monitor.records import Alert, CameraAlert, ModelRef, decode_key, to_json
+from sdns_monitor.sequential import evidence, threshold
+from sdns_monitor.settings import RunSettings
+from sdns_monitor.stream.batch import Batch, Frame
+from sdns_monitor.stream.cameras import CameraAlarms
+from sdns_monitor.stream.incidents import IncidentTracker
+from sdns_monitor.stream.outputs import Outputs
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A scored frame."""
+
+    score: float
+    p_value: float
+    flagged: bool
+    alarm_rate: float | None
+    threshold: float | None
+    model: ModelRef
+
+
+class Alerting(Protocol):
+    @property
+    def open_count(self) -> int: ...
+
+    def snapshot(self) -> Any: ...
+
+    def restore(self, snapshot: Any) -> None: ...
+
+    def frames(self, batch: Batch, producer: Any, scored: list[tuple[Frame, Verdict]]) -> None:
+        """Send the alerts the frames of a batch (in offset order) cause."""
+
+    def tick(self, batch: Batch, producer: Any) -> None:
+        """Send what time alone causes (closings, silences)."""
+
+    def idle_work(self) -> bool:
+        """Whether `tick` may have something to send on an idle stream."""
+
+
+class CameraAlerts:
+    """`--alerts cameras`: a sequential test per camera (stream/cameras.py)."""
+
+    def __init__(self, settings: RunSettings, outputs: Outputs) -> None:
+        self.settings = settings
+        self.outputs = outputs
+        self.margin = settings.camera_margin
+        self.alarms = CameraAlarms(
+            threshold(settings.camera_ert_frames),
+            settings.incident_cooldown_s,
+            settings.silent_after_s,
+            settings.camera_expiry_s,
+            settings.max_clock_skew_s,
+            settings.event_time,
+        )
+
+    @property
+    def open_count(self) -> int:
+        return self.alarms.open_count
+
+    def snapshot(self) -> Any:
+        return self.alarms.snapshot()
+
+    def restore(self, snapshot: Any) -> None:
+        self.alarms.restore(snapshot)
+
+    def frames(self, batch: Batch, producer: Any, scored: list[tuple[Frame, Verdict]]) -> None:
+        if not scored:
+            return
+        e = evidence(np.array([v.p_value for _, v in scored]), self.margin)
+        now_s, now_ms = time.monotonic(), int(time.time() * 1000)
+        for (frame, verdict), frame_evidence in zip(scored, e, strict=True):
+            event = self.alarms.observe(frame.source, float(frame_evidence), now_s)
+            if event is None:
+                continue
+            if event.cleared is not None:
+                batch.closed_ids.append(f"camera {event.cleared.alarm_id} cleared")
+                batch.incidents_closed += 1
+                record: Any = event.cleared
+            else:
+                assert event.alarm is not None
+                record = CameraAlert(
+                    source=frame.source,
+                    score=verdict.score,
+                    p_value=verdict.p_value,
+                    model=verdict.model,
+                    detected_at_ms=now_ms,
+                    reminder=event.kind == "reminder",
+                    alarm=event.alarm,
+                )
+                batch.alerts.append(record)
+            topic = self.settings.alert_topic
+            self.outputs.send(
+                batch, producer, topic, key=frame.key, value=to_json(record), about=frame.source
+            )
+
+    def tick(self, batch: Batch, producer: Any) -> None:
+        for silent in self.alarms.silences():
+            batch.silences += 1
+            key = None if silent.key is None else decode_key(silent.key, silent.key_encoding)
+            topic = self.settings.alert_topic
+            about = silent.last_frame
+            self.outputs.send(batch, producer, topic, key=key, value=to_json(silent), about=about)
+
+    def idle_work(self) -> bool:
+        return len(self.alarms) > 0 and self.settings.silent_after_s > 0
+
+
+class FrameIncidents:
+    """`--alerts frames`: an incident per key from any flagged frame (stream/incidents.py)."""
+
+    def __init__(self, settings: RunSettings, outputs: Outputs) -> None:
+        self.settings = settings
+        self.outputs = outputs
+        self.incidents = IncidentTracker(settings.incident_window_s, settings.incident_cooldown_s)
+
+    @property
+    def open_count(self) -> int:
+        return self.incidents.open_count
+
+    def snapshot(self) -> Any:
+        return self.incidents.snapshot()
+
+    def restore(self, snapshot: Any) -> None:
+        self.incidents.restore(snapshot)
+
+    def frames(self, batch: Batch, producer: Any, scored: list[tuple[Frame, Verdict]]) -> None:
+        now_ms = int(time.time() * 1000)
+        for frame, v in scored:
+            if not v.flagged:
+                continue
+            incident, send = self.incidents.flagged(
+                frame.source.key, frame.source.key_encoding, now_ms
+            )
+            if not send:
+                continue
+            alert = Alert(
+                source=frame.source,
+                score=v.score,
+                p_value=v.p_value,
+                alarm_rate=v.alarm_rate,
+                threshold=v.threshold,
+                model=v.model,
+                detected_at_ms=now_ms,
+                incident=incident,
+            )
+            batch.alerts.append(alert)
+            topic = self.settings.alert_topic
+            self.outputs.send(
+                batch, producer, topic, key=frame.key, value=to_json(alert), about=frame.source
+            )
+
+    def tick(self, batch: Batch, producer: Any) -> None:
+        """Send a closing record for every incident whose key has been quiet for a window."""
+        for closed in self.incidents.expire(int(time.time() * 1000)):
+            batch.incidents_closed += 1
+            batch.closed_ids.append(f"{closed.incident_id} ({closed.frames} flagged frames)")
+            key = None if closed.key is None else decode_key(closed.key, closed.key_encoding)
+            topic = self.settings.alert_topic
+            self.outputs.send(batch, producer, topic, key=key, value=to_json(closed))
+
+    def idle_work(self) -> bool:
+        return self.incidents.open_count > 0
+
+
+def make_alerting(settings: RunSettings, outputs: Outputs) -> CameraAlerts | FrameIncidents:
+    if settings.alerts == "frames":
+        return FrameIncidents(settings, outputs)
+    return CameraAlerts(settings, outputs)

@@ -1,0 +1,72 @@
+"""Camera alarms against the real broker: healthy cameras stay quiet, a switched camera is
+alarmed within a bounded number of frames, and a replay alarms as the live stream did."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kafka import KafkaProducer
+
+from sdns_monitor.broker import Broker
+from sdns_monitor.stream import StreamMonitor
+from sdns_monitor.stream.cameras import alarm_id
+from tests.integration.kafka_helpers import noise, png, read_all, run_settings, topics
+
+T0 = 1_795_000_000_000  # event time of the first frame (ms)
+
+
+def _stream(fashion: np.ndarray) -> list[tuple[bytes, bytes, int]]:
+    """(key, PNG, timestamp): three healthy cameras and one switched to noise after 40 frames,
+    one frame each every 2 s of event time, interleaved."""
+    healthy = fashion[600:]  # neither bank (0-299) nor calibration (300-599) of the tiny bundle
+    broken = noise(40, seed=11)
+    out = []
+    for i in range(80):
+        for c in range(3):
+            out.append((f"cam-{c}".encode(), png(healthy[c * 80 + i]), T0 + 2000 * i))
+        frame = healthy[300 + i] if i < 40 else broken[i - 40]
+        out.append((b"switched", png(frame), T0 + 2000 * i))
+    return out
+
+
+def _camera_records(kafka_broker: Broker, topic: str) -> list[dict[str, object]]:
+    return [json.loads(m.value) for m in read_all(kafka_broker, topic, 10**6, timeout_ms=3000)]
+
+
+@pytest.mark.integration
+def test_healthy_cameras_stay_quiet_and_a_switched_one_is_alarmed_within_30_frames(
+    kafka_broker: Broker, tiny_bundle: Path, fashion_test: np.ndarray
+) -> None:
+    names = topics(kafka_broker, "frames", "alerts", "scores")
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap_servers)
+    offsets = {}
+    for key, value, ts in _stream(fashion_test):
+        meta = producer.send(names["frames"], key=key, value=value, timestamp_ms=ts).get(10)
+        offsets.setdefault(key, []).append(meta.offset)
+    producer.close()
+    settings = run_settings(kafka_broker, tiny_bundle, names, alerts="cameras", alarm_rate=None)
+    stats = StreamMonitor(settings).run(idle_exit_s=3.0)
+    assert stats.frames == 320
+    records = _camera_records(kafka_broker, names["alerts"])
+    alarms = [r for r in records if r["kind"] == "camera-alarm"]
+    assert [a["source"]["key"] for a in alarms] == ["switched"]  # no healthy camera alerted
+    (alarm,) = alarms
+    frames_in = offsets[b"switched"].index(alarm["source"]["offset"]) - 40 + 1
+    assert 1 <= frames_in <= 30, frames_in
+    assert alarm["alarm"]["id"] == alarm_id("switched", 0, alarm["source"]["offset"])
+    first = offsets[b"switched"].index(alarm["alarm"]["first_frame"]["offset"])
+    assert 35 <= first <= 45  # the estimated start of the change
+    assert alarm["alarm"]["opened_at_ms"] == alarm["source"]["timestamp_ms"]  # event time
+    # A replay of the same topic by a new group, hours later: the same alarm, the same id.
+    names_again = {**names, "run_id": names["run_id"] + "-replay"}
+    again = StreamMonitor(
+        run_settings(kafka_broker, tiny_bundle, names_again, alerts="cameras", alarm_rate=None)
+    ).run(idle_exit_s=3.0)
+    assert again.alerts == 1
+    replayed = [
+        r for r in _camera_records(kafka_broker, names["alerts"]) if r["kind"] == "camera-alarm"
+    ]
+    assert [r["alarm"]["id"] for r in replayed] == [alarm["alarm"]["id"]] * 2

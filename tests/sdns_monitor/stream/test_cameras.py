@@ -1,0 +1,139 @@
+"""Camera alarms: no alarm on healthy cameras, a bounded delay on a changed one, event time,
+silence, undo. Fixed seeds; bounds derived from the configured expected run."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sdns_monitor.records import Source
+from sdns_monitor.scoring import p_values
+from sdns_monitor.sequential import evidence, threshold
+from sdns_monitor.stream.cameras import CameraAlarms, alarm_id
+
+ERT = 63_115_200.0  # the default: a year of a camera at 2 frames/s
+CALIBRATION = np.sort(np.random.default_rng(0).normal(size=1000))
+T0 = 1_700_000_000_000  # event time of the first frame (ms)
+
+
+def _alarms(**overrides: float) -> CameraAlarms:
+    options = dict(cooldown_s=300.0, silent_after_s=300.0, expiry_s=86_400.0, max_skew_s=300.0)
+    options.update(overrides)
+    return CameraAlarms(threshold(ERT), **options)  # type: ignore[arg-type]
+
+
+def _source(key: str, offset: int, ts: int | None = None) -> Source:
+    ts = T0 + 500 * offset if ts is None else ts
+    return Source(
+        topic="frames", partition=0, offset=offset, key=key, key_encoding="utf-8", timestamp_ms=ts
+    )
+
+
+def _evidence(n: int, shift: float, seed: int) -> np.ndarray:
+    """Evidence of n frames whose scores are shifted by `shift` standard deviations from the
+    calibration's (0: healthy, exchangeable with it; 2.33: frame AUROC 0.95)."""
+    scores = np.random.default_rng(seed).normal(loc=shift, size=n)
+    return evidence(p_values(scores, CALIBRATION))
+
+
+def test_healthy_cameras_raise_no_alarm_in_ten_thousand_frames_each() -> None:
+    alarms = _alarms()
+    for camera in range(3):
+        for i, e in enumerate(_evidence(10_000, 0.0, seed=10 + camera)):
+            assert alarms.observe(_source(f"cam{camera}", i), float(e), now_s=i * 0.5) is None
+    assert alarms.open_count == 0 and len(alarms) == 3
+
+
+def test_a_switched_camera_alarms_within_thirty_frames_and_clears_after_it_heals() -> None:
+    alarms = _alarms()
+    stream = np.concatenate(
+        [_evidence(300, 0.0, seed=1), _evidence(200, 2.33, seed=2), _evidence(300, 0.0, seed=3)]
+    )
+    events = [
+        (i, ev)
+        for i, e in enumerate(stream)
+        if (ev := alarms.observe(_source("cam", i), float(e), i * 0.5))
+    ]
+    opened = [(i, ev) for i, ev in events if ev.kind == "opened"]
+    cleared = [(i, ev) for i, ev in events if ev.kind == "cleared"]
+    assert len(opened) == 1 and len(cleared) == 1
+    at, ev = opened[0]
+    assert 300 <= at < 330  # within 30 frames of the switch
+    assert ev.alarm is not None and ev.alarm.id == alarm_id("cam", 0, at)
+    assert abs(ev.alarm.first_frame.offset - 300) <= 10  # where the change began
+    assert ev.alarm.evidence >= ev.alarm.threshold == threshold(ERT)
+    done, what = cleared[0]
+    assert 500 <= done < 600 and what.cleared is not None
+    assert what.cleared.alarm_id == ev.alarm.id and what.cleared.frames == done - at + 1
+
+
+def test_reminders_follow_the_cooldown_in_event_time_and_a_replay_gives_the_same_alarms() -> None:
+    stream = np.concatenate([_evidence(50, 0.0, seed=4), _evidence(1500, 3.0, seed=5)])
+
+    def run(now: float) -> list[tuple[str, int, int]]:
+        alarms = _alarms(cooldown_s=300.0)
+        out = []
+        for i, e in enumerate(stream):  # frames 0.5 s apart in event time
+            ev = alarms.observe(_source("cam", i), float(e), now_s=now)
+            if ev is not None and ev.alarm is not None:
+                out.append((ev.kind, i, ev.alarm.alerts))
+        return out
+
+    live = run(now=0.0)  # read as it was produced
+    assert [kind for kind, _, _ in live] == ["opened", "reminder", "reminder"]
+    opened_at = live[0][1]
+    assert opened_at < 80  # 1550 frames: the last reminder 600 frames (300 s) after the first
+    assert [i - opened_at for _, i, _ in live[1:]] == [600, 1200]
+    assert [n for _, _, n in live] == [1, 2, 3]
+    assert run(now=10_000.0) == live  # a backlog read hours later: the same alarms
+
+
+def test_timestamps_far_ahead_or_behind_are_clamped_and_counted() -> None:
+    alarms = _alarms(max_skew_s=60.0)
+    alarms.observe(_source("cam", 0, ts=T0), 0.0)
+    alarms.observe(_source("cam", 1, ts=T0 + 10**12), 0.0)  # decades ahead: clamped
+    assert alarms.clamped["future"] == 1
+    alarms.observe(_source("cam", 2, ts=1), 0.0)  # 1970: behind the camera's latest
+    assert alarms.clamped["past"] == 1
+
+
+def test_a_silent_camera_is_reported_once_per_silence_on_the_monitors_clock() -> None:
+    alarms = _alarms(silent_after_s=10.0)
+    alarms.observe(_source("cam1", 0), 0.0, now_s=0.0)
+    alarms.observe(_source("cam2", 0), 0.0, now_s=5.0)
+    assert alarms.silences(now_s=9.0) == []
+    (silent,) = alarms.silences(now_s=12.0)
+    assert silent.key == "cam1" and silent.last_frame.offset == 0 and silent.silent_s == 12.0
+    assert alarms.silences(now_s=13.0) == []  # once per silence
+    alarms.observe(_source("cam1", 1), 0.0, now_s=14.0)  # back
+    assert [s.key for s in alarms.silences(now_s=16.0)] == ["cam2"]
+    assert [s.key for s in alarms.silences(now_s=25.0)] == ["cam1"]  # silent again
+
+
+def test_restore_undoes_the_batches_since_a_snapshot() -> None:
+    alarms = _alarms()
+    healthy, changed = _evidence(100, 0.0, seed=6), _evidence(100, 3.0, seed=7)
+    for i, e in enumerate(healthy):
+        alarms.observe(_source("cam", i), float(e), i * 0.5)
+    first = alarms.snapshot()
+    events = [
+        alarms.observe(_source("cam", 100 + i), float(e), 50.0) for i, e in enumerate(changed[:50])
+    ]
+    alarms.snapshot()  # a second batch in flight
+    alarms.observe(_source("new-cam", 0), 0.0, 51.0)
+    assert alarms.open_count == 1 and len(alarms) == 2
+    alarms.restore(first)  # the first batch failed: both are undone
+    assert alarms.open_count == 0 and len(alarms) == 1
+    again = [
+        alarms.observe(_source("cam", 100 + i), float(e), 52.0) for i, e in enumerate(changed[:50])
+    ]
+    assert [None if e is None else (e.kind, e.alarm) for e in again] == [
+        None if e is None else (e.kind, e.alarm) for e in events
+    ]  # the retried frames open the same alarm, with the same id
+
+
+def test_cameras_not_seen_for_the_expiry_are_forgotten() -> None:
+    alarms = _alarms(silent_after_s=0.0, expiry_s=100.0)
+    alarms.observe(_source("old", 0), 0.0, now_s=0.0)
+    alarms.observe(_source("new", 0), 0.0, now_s=90.0)
+    alarms.silences(now_s=150.0)
+    assert len(alarms) == 1
