@@ -223,6 +223,12 @@ class RunSettings(BaseModel):
         "behind the camera's latest, are clamped (and counted): a broken producer's clock "
         "cannot close or freeze every incident.",
     )
+    state_topic: str | None = Field(
+        default=None,
+        description="Compacted topic where each camera's alarm state is kept, with at least as "
+        "many partitions as the input: restarts and rebalances then continue an open alarm "
+        "under the same id and count no frame twice. Unset: state lives in memory only.",
+    )
     camera_expiry_s: float = Field(
         default=7 * 86_400.0,
         gt=0,
@@ -302,7 +308,9 @@ class RunSettings(BaseModel):
             raise ValueError(f"--public-key {self.public_key} is not a readable file")
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be below session_timeout_ms")
-        outputs = {self.alert_topic, self.dlq_topic} | ({self.scores_topic} - {None})
+        outputs = {self.alert_topic, self.dlq_topic} | (
+            {self.scores_topic, self.state_topic} - {None}
+        )
         for name in [*self.topic, *sorted(t for t in outputs if t is not None)]:
             if not _TOPIC.fullmatch(name) or name in (".", ".."):
                 raise ValueError(

@@ -13,6 +13,7 @@ import numpy as np
 from sdns_monitor.records import Alert, CameraAlert, ModelRef, decode_key, to_json
 from sdns_monitor.sequential import evidence, threshold
 from sdns_monitor.settings import RunSettings
+from sdns_monitor.stream import state
 from sdns_monitor.stream.batch import Batch, Frame
 from sdns_monitor.stream.cameras import CameraAlarms
 from sdns_monitor.stream.incidents import IncidentTracker
@@ -47,6 +48,9 @@ class Alerting(Protocol):
 
     def idle_work(self) -> bool:
         """Whether `tick` may have something to send on an idle stream."""
+
+    def move(self, moves: list[tuple[str, set[Any]]]) -> None:
+        """Follow a rebalance (partitions assigned and revoked, in order)."""
 
 
 class CameraAlerts:
@@ -104,6 +108,36 @@ class CameraAlerts:
             self.outputs.send(
                 batch, producer, topic, key=frame.key, value=to_json(record), about=frame.source
             )
+        self._write_state(batch, producer)
+
+    def _write_state(self, batch: Batch, producer: Any) -> None:
+        """The state of the cameras this batch changed, to the state topic (state.py)."""
+        topic = self.settings.state_topic
+        changed = self.alarms.take_dirty()
+        if topic is None:
+            return
+        for (input_topic, key), camera in changed:
+            if camera is None:  # forgotten (expired): its last state stays until compacted
+                continue
+            self.outputs.send(
+                batch,
+                producer,
+                topic,
+                key=state.state_key(input_topic, key),
+                value=state.encode(camera),
+                partition=camera["partition"],
+            )
+
+    def move(self, moves: list[tuple[str, set[Any]]]) -> None:
+        """Follow a rebalance: restore the cameras of assigned partitions from the state topic,
+        forget those of revoked ones."""
+        for kind, partitions in moves:
+            tps = {(tp[0], tp[1]) for tp in partitions}
+            if kind == "revoked":
+                self.alarms.drop_partitions(tps)
+            elif self.settings.state_topic is not None:
+                for camera in state.restore(self.settings, tps):
+                    self.alarms.install(camera)
 
     def tick(self, batch: Batch, producer: Any) -> None:
         for silent in self.alarms.silences():
@@ -172,6 +206,9 @@ class FrameIncidents:
 
     def idle_work(self) -> bool:
         return self.incidents.open_count > 0
+
+    def move(self, moves: list[tuple[str, set[Any]]]) -> None:
+        """Frame incidents live in memory: a rebalance leaves them as they are."""
 
 
 def make_alerting(settings: RunSettings, outputs: Outputs) -> CameraAlerts | FrameIncidents:

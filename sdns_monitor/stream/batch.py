@@ -86,6 +86,7 @@ class Batch:
     dead_letters: Tally[str] = field(default_factory=Tally)  # per error class
     incidents_closed: int = 0  # frame incidents closed, camera alarms cleared
     silences: int = 0  # camera-silent records
+    moves: list[tuple[str, set[Any]]] | None = None  # a rebalance to follow, not frames
     closed_ids: list[str] = field(default_factory=list)
 
     @property

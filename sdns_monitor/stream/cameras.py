@@ -47,6 +47,9 @@ class _Alarm:
     alerts: int = 1
 
 
+Ident = tuple[str, str | None]  # (input topic, key): a camera
+
+
 @dataclass
 class _Camera:
     key: str | None
@@ -57,6 +60,8 @@ class _Camera:
     change_start: Source | None = None  # the frame where the statistic last left zero
     alarm: _Alarm | None = None
     seen_s: float = 0.0  # the monitor's clock (monotonic) at its last frame
+    partition: int = -1  # where its frames come from, and the last offset counted
+    offset: int = -1
 
     def copy(self) -> _Camera:
         alarm = None if self.alarm is None else replace(self.alarm)
@@ -90,13 +95,14 @@ class CameraAlarms:
         self.expiry_s = expiry_s
         self.max_skew_ms = int(max_skew_s * 1000)
         self.event_time = event_time
-        self._active: collections.OrderedDict[str | None, _Camera] = collections.OrderedDict()
-        self._silent: collections.OrderedDict[str | None, _Camera] = collections.OrderedDict()
-        self._logs: collections.deque[tuple[int, dict[str | None, _Camera | None]]] = (
-            collections.deque(maxlen=UNDO_DEPTH)
+        self._active: collections.OrderedDict[Ident, _Camera] = collections.OrderedDict()
+        self._silent: collections.OrderedDict[Ident, _Camera] = collections.OrderedDict()
+        self._logs: collections.deque[tuple[int, dict[Ident, _Camera | None]]] = collections.deque(
+            maxlen=UNDO_DEPTH
         )
         self._seq = 0
-        self._alarmed: set[str | None] = set()  # keys whose alarm is open
+        self._alarmed: set[Ident] = set()  # cameras whose alarm is open
+        self.dirty: set[Ident] = set()  # cameras changed since `take_dirty` (for the state topic)
         self.clamped: Tally[str] = Tally()  # timestamps clamped, by "future" / "past"
 
     @property
@@ -127,13 +133,14 @@ class CameraAlarms:
                     if before.alarm is not None:
                         self._alarmed.add(key)
 
-    def _touch(self, key: str | None) -> _Camera | None:
-        """The camera of `key` for changing (logged for undo), None if there is none."""
+    def _touch(self, key: Ident) -> _Camera | None:
+        """The camera `key` for changing (logged for undo), None if there is none."""
         camera = self._active.get(key) or self._silent.get(key)
         if self._logs:
             log = self._logs[-1][1]
             if key not in log:
                 log[key] = None if camera is None else camera.copy()
+        self.dirty.add(key)
         return camera
 
     # ------------------------------------------------------------------ frames
@@ -143,14 +150,17 @@ class CameraAlarms:
         """Count one scored frame of `source.key` with evidence e(p); what it did, if anything.
         Frames of one camera must come in offset order (they do: one partition each)."""
         now_s = time.monotonic() if now_s is None else now_s
-        key = source.key
+        key = (source.topic, source.key)
         camera = self._touch(key)
         if camera is None:
-            camera = _Camera(key, source.key_encoding, Cusum(self.h))
+            camera = _Camera(source.key, source.key_encoding, Cusum(self.h))
         self._silent.pop(key, None)
         self._active.pop(key, None)
         self._active[key] = camera  # the newest last
         camera.seen_s = now_s
+        if source.partition == camera.partition and source.offset <= camera.offset:
+            return None  # counted already, before a restart or a rebalance: never twice
+        camera.partition, camera.offset = source.partition, source.offset
         camera.last_frame = source
         camera.event_ms = self._event_ms(camera, source.timestamp_ms)
         was_zero = camera.cusum.s <= 0.0
@@ -160,7 +170,7 @@ class CameraAlarms:
         if opened:
             start = camera.change_start or source
             camera.alarm = _Alarm(
-                alarm_id(key, source.partition, source.offset),
+                alarm_id(source.key, source.partition, source.offset),
                 camera.event_ms,
                 start,
                 camera.event_ms,
@@ -175,7 +185,7 @@ class CameraAlarms:
             camera.alarm = None
             self._alarmed.discard(key)
             cleared = CameraCleared(
-                key=key,
+                key=source.key,
                 key_encoding=camera.key_encoding,
                 alarm_id=alarm.id,
                 opened_at_ms=alarm.opened_at_ms,
@@ -237,7 +247,7 @@ class CameraAlarms:
             assert camera.last_frame is not None
             out.append(
                 CameraSilent(
-                    key=key,
+                    key=camera.key,
                     key_encoding=camera.key_encoding,
                     last_frame=camera.last_frame,
                     silent_s=round(now_s - camera.seen_s, 3),
@@ -253,3 +263,91 @@ class CameraAlarms:
                 del cameras[key]
                 self._alarmed.discard(key)
         return out
+
+    # ------------------------------------------------------------------ the state topic
+    def take_dirty(self) -> list[tuple[Ident, dict[str, Any] | None]]:
+        """The cameras changed since the last call: their state to write (None: forgotten)."""
+        out = [(key, self.export(key)) for key in sorted(self.dirty, key=repr)]
+        self.dirty.clear()
+        return out
+
+    def export(self, key: Ident) -> dict[str, Any] | None:
+        """A camera's state as plain data (None when it has none)."""
+        camera = self._active.get(key) or self._silent.get(key)
+        if camera is None:
+            return None
+        alarm = camera.alarm
+        return {
+            "topic": key[0],
+            "key": camera.key,
+            "key_encoding": camera.key_encoding,
+            "partition": camera.partition,
+            "offset": camera.offset,
+            "s": camera.cusum.s,
+            "event_ms": camera.event_ms,
+            "last_frame": None if camera.last_frame is None else camera.last_frame.model_dump(),
+            "change_start": (
+                None if camera.change_start is None else camera.change_start.model_dump()
+            ),
+            "alarm": None
+            if alarm is None
+            else {
+                "id": alarm.id,
+                "opened_at_ms": alarm.opened_at_ms,
+                "first_frame": alarm.first_frame.model_dump(),
+                "last_alert_ms": alarm.last_alert_ms,
+                "frames": alarm.frames,
+                "alerts": alarm.alerts,
+            },
+        }
+
+    def install(self, state: dict[str, Any], now_s: float | None = None) -> None:
+        """A camera's state from the state topic (restored on assignment)."""
+        now_s = time.monotonic() if now_s is None else now_s
+        key: Ident = (state["topic"], state["key"])
+        a = state.get("alarm")
+        alarm = None
+        if a is not None:
+            alarm = _Alarm(
+                a["id"],
+                a["opened_at_ms"],
+                Source.model_validate(a["first_frame"]),
+                a["last_alert_ms"],
+                a["frames"],
+                a["alerts"],
+            )
+        last, start = state.get("last_frame"), state.get("change_start")
+        camera = _Camera(
+            state["key"],
+            state["key_encoding"],
+            Cusum(self.h, float(state["s"]), alarmed=alarm is not None),
+            int(state["event_ms"]),
+            None if last is None else Source.model_validate(last),
+            None if start is None else Source.model_validate(start),
+            alarm,
+            now_s,
+            int(state["partition"]),
+            int(state["offset"]),
+        )
+        self._silent.pop(key, None)
+        self._active.pop(key, None)
+        self._active[key] = camera
+        self._alarmed.discard(key)
+        if alarm is not None:
+            self._alarmed.add(key)
+
+    def drop_partitions(self, partitions: set[tuple[str, int]]) -> int:
+        """Forget the cameras whose frames come from `partitions` (revoked: another member
+        scores them now, from the state topic). O(cameras), on rebalances only."""
+        gone = [
+            key
+            for cameras in (self._active, self._silent)
+            for key, c in cameras.items()
+            if (key[0], c.partition) in partitions
+        ]
+        for key in gone:
+            self._active.pop(key, None)
+            self._silent.pop(key, None)
+            self._alarmed.discard(key)
+            self.dirty.discard(key)
+        return len(gone)

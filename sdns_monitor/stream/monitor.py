@@ -36,7 +36,7 @@ from sdns_monitor.records import Alert, CameraAlert
 from sdns_monitor.scoring import cannot_flag
 from sdns_monitor.settings import RunSettings
 from sdns_monitor.stream import kafka
-from sdns_monitor.stream.batch import Batch, DecodeLimits, decode_messages
+from sdns_monitor.stream.batch import Batch, Decoded, DecodeLimits, decode_messages
 from sdns_monitor.stream.health import Status, StreamStats
 from sdns_monitor.stream.intake import Intake
 from sdns_monitor.stream.offsets import COMMIT_TIMEOUT_MS, HeadFailed, InFlight
@@ -253,10 +253,13 @@ class StreamMonitor:
                 backoff = min(backoff * 2, BACKOFF_S[1])
                 continue
             if self.inflight.full():  # backpressure
-                self._submit(intake.hold(), decoders)
+                stray = intake.hold()
+                self._follow_rebalances()
+                self._submit(stray, decoders)
                 self.inflight.wait_head(0.05)
                 continue
             messages = intake.collect(stop, busy=len(self.inflight) > 0)
+            self._follow_rebalances()  # before the new partitions' frames are scored
             if messages:
                 last_data = time.monotonic()
                 backoff = BACKOFF_S[0] if self.status.outputs_ok() else backoff
@@ -275,6 +278,16 @@ class StreamMonitor:
         batch.decoded = decoders.submit(decode_messages, messages, self.models, self.limits)
         self.inflight.add(batch)
         self.scorer.submit(batch)
+
+    def _follow_rebalances(self) -> None:
+        """Hand partitions assigned or revoked since the last call to the scorer, in order
+        with the batches: camera state follows its partitions (state.py)."""
+        moves = self.inflight.take_moves()
+        if moves:
+            job = Batch.decoded_already([], self.models, self.scorer.generation, Decoded())
+            job.moves = moves
+            self.inflight.add(job)
+            self.scorer.submit(job)
 
     def _settle(self, consumer: Any) -> bool:
         """Count and commit the delivered batches at the head of the pipeline, in order.

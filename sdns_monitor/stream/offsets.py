@@ -48,6 +48,7 @@ class InFlight:
         self._uncommitted: dict[TopicPartition, int] = {}  # next offset, delivered not committed
         self._retry_commit_at: float | None = None  # after a failed commit
         self.joined = threading.Event()  # set once the consumer was assigned partitions
+        self._moves: list[tuple[str, set[Any]]] = []  # ("assigned" | "revoked", partitions)
         self.assigned = 0  # partitions assigned at the last rebalance
 
     def __len__(self) -> int:
@@ -176,6 +177,19 @@ class InFlight:
         with self._lock:
             for tp in partitions:
                 self._uncommitted.pop(tp, None)
+            self._moves.append(("revoked", set(partitions)))
+
+    def moved(self, kind: str, partitions: set[Any]) -> None:
+        """Remember a rebalance for the loop (`take_moves`): state follows partitions."""
+        if partitions:
+            with self._lock:
+                self._moves.append((kind, set(partitions)))
+
+    def take_moves(self) -> list[tuple[str, set[Any]]]:
+        """The partitions assigned and revoked since the last call, in order."""
+        with self._lock:
+            moves, self._moves = self._moves, []
+        return moves
 
     def listener(self, consumer: Any, group_id: str) -> ConsumerRebalanceListener:
         return _Listener(self, consumer, group_id)
@@ -187,11 +201,13 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def on_partitions_revoked(self, revoked: set[Any]) -> None:
         self.inflight.revoked(self.consumer, revoked)
+        self.inflight.moved("revoked", revoked)
         if revoked:
             log.info("partitions revoked: %s", partitions(revoked))
 
     def on_partitions_assigned(self, assigned: set[Any]) -> None:
         self.inflight.assigned = len(self.consumer.assignment())
+        self.inflight.moved("assigned", assigned)
         self.inflight.joined.set()
         log.info(
             "joined group %s; assigned %s", self.group_id, partitions(assigned) or "no partitions"

@@ -73,13 +73,19 @@ class Outputs:
         headers: list[tuple[str, bytes]] | None = None,
         about: Source | None = None,
         instead: Instead | None = None,
+        partition: int | None = None,
     ) -> None:
         """Send one record of `batch`; `instead` stands in for it if it is refused for good
         (by default, for a record `about` a frame, a dead-letter reference to that frame)."""
         if instead is None and about is not None:
             instead = self._refused_output(topic, about)
         try:
-            future = producer.send(topic, key=key, value=value, headers=headers)
+            if partition is None:
+                future = producer.send(topic, key=key, value=value, headers=headers)
+            else:
+                future = producer.send(
+                    topic, key=key, value=value, headers=headers, partition=partition
+                )
         except REFUSED as exc:  # the client's own size check, before anything is sent
             future, instead = self._refused(batch, producer, topic, exc, instead), None
         batch.futures.append(future)

@@ -96,7 +96,9 @@ class Scorer:
             if batch is None:
                 return
             with self._lock:
-                if batch.generation != self.generation:
+                if batch.moves is not None:  # a rebalance: whatever the generation
+                    self.alerting.move(batch.moves)
+                elif batch.generation != self.generation:
                     batch.error = OutputError("abandoned after an earlier batch failed")
                 else:
                     self.score_batch(batch, producer())

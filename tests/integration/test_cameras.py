@@ -70,3 +70,40 @@ def test_healthy_cameras_stay_quiet_and_a_switched_one_is_alarmed_within_30_fram
         r for r in _camera_records(kafka_broker, names["alerts"]) if r["kind"] == "camera-alarm"
     ]
     assert [r["alarm"]["id"] for r in replayed] == [alarm["alarm"]["id"]] * 2
+
+
+@pytest.mark.integration
+def test_a_restart_mid_alarm_continues_it_under_the_same_id_and_delivers_its_clearing(
+    kafka_broker: Broker, tiny_bundle: Path, fashion_test: np.ndarray
+) -> None:
+    names = topics(kafka_broker, "frames", "alerts", "state")
+    healthy, broken = fashion_test[600:], noise(60, seed=12)
+    frames = [healthy[i] for i in range(40)] + list(broken) + [healthy[40 + i] for i in range(80)]
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap_servers)
+
+    def send(part: list[np.ndarray], start: int) -> None:
+        for i, image in enumerate(part):
+            ts = T0 + 2000 * (start + i)
+            producer.send(names["frames"], key=b"cam", value=png(image), timestamp_ms=ts)
+        producer.flush()
+
+    settings = run_settings(
+        kafka_broker,
+        tiny_bundle,
+        names,
+        alerts="cameras",
+        alarm_rate=None,
+        state_topic=names["state"],
+    )
+    send(frames[:70], 0)  # healthy, then 30 broken frames: the alarm opens
+    first = StreamMonitor(settings).run(idle_exit_s=3.0)
+    assert first.alerts == 1
+    send(frames[70:], 70)  # 30 more broken frames, then healthy ones: it must clear
+    second = StreamMonitor(settings).run(idle_exit_s=3.0)  # a restart: a new process
+    producer.close()
+    records = _camera_records(kafka_broker, names["alerts"])
+    opened = [r for r in records if r["kind"] == "camera-alarm" and not r["reminder"]]
+    cleared = [r for r in records if r["kind"] == "camera-cleared"]
+    assert len(opened) == 1, opened  # one alarm, not a second one after the restart
+    assert [c["alarm_id"] for c in cleared] == [opened[0]["alarm"]["id"]]
+    assert cleared[0]["frames"] > 30 and second.frames == 110

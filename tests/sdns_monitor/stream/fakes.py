@@ -84,7 +84,12 @@ class Producer:
         self.flushes = 0
 
     def send(
-        self, topic: str, key: bytes | None = None, value: bytes | None = None, headers: Any = None
+        self,
+        topic: str,
+        key: bytes | None = None,
+        value: bytes | None = None,
+        headers: Any = None,
+        partition: int | None = None,
     ) -> Future:
         if self.raise_on_send is not None:
             raise self.raise_on_send

@@ -3,6 +3,8 @@ silence, undo. Fixed seeds; bounds derived from the configured expected run."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from sdns_monitor.records import Source
@@ -137,3 +139,30 @@ def test_cameras_not_seen_for_the_expiry_are_forgotten() -> None:
     alarms.observe(_source("new", 0), 0.0, now_s=90.0)
     alarms.silences(now_s=150.0)
     assert len(alarms) == 1
+
+
+def test_a_cameras_state_survives_export_and_install_and_counts_no_frame_twice() -> None:
+    before = _alarms()
+    stream = np.concatenate([_evidence(50, 0.0, seed=8), _evidence(60, 3.0, seed=9)])
+    events = [before.observe(_source("cam", i), float(e), 1.0) for i, e in enumerate(stream)]
+    (opened,) = [e for e in events if e is not None and e.kind == "opened"]
+    (key, state), *_ = before.take_dirty()
+    assert key == ("frames", "cam") and state is not None and state["offset"] == 109
+    after = _alarms()  # another process, after a restart or a rebalance
+    after.install(json.loads(json.dumps(state)))  # through JSON, as the state topic carries it
+    assert after.open_count == 1
+    replayed = [after.observe(_source("cam", i), float(stream[i]), 2.0) for i in range(100, 110)]
+    assert replayed == [None] * 10  # counted before: no evidence, no alert, twice
+    more = after.observe(_source("cam", 110), float(stream[-1]), 2.0)
+    assert more is None or more.kind == "reminder"  # the same alarm goes on
+    assert opened.alarm is not None and after.export(key)["alarm"]["id"] == opened.alarm.id  # type: ignore[index]
+
+
+def test_cameras_of_revoked_partitions_are_forgotten() -> None:
+    alarms = _alarms()
+    alarms.observe(_source("cam", 0), 0.0)
+    other = Source(
+        topic="frames", partition=3, offset=0, key="cam3", key_encoding="utf-8", timestamp_ms=T0
+    )
+    alarms.observe(other, 0.0)
+    assert alarms.drop_partitions({("frames", 0)}) == 1 and len(alarms) == 1
