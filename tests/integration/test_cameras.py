@@ -13,7 +13,7 @@ from kafka import KafkaProducer
 from sdns_monitor.broker import Broker
 from sdns_monitor.stream import StreamMonitor
 from sdns_monitor.stream.cameras import alarm_id
-from tests.integration.kafka_helpers import noise, png, read_all, run_settings, topics
+from tests.integration.kafka_helpers import noise, png, read_all, run_settings, topics, wait_for
 
 T0 = 1_795_000_000_000  # event time of the first frame (ms)
 
@@ -107,3 +107,74 @@ def test_a_restart_mid_alarm_continues_it_under_the_same_id_and_delivers_its_cle
     assert len(opened) == 1, opened  # one alarm, not a second one after the restart
     assert [c["alarm_id"] for c in cleared] == [opened[0]["alarm"]["id"]]
     assert cleared[0]["frames"] > 30 and second.frames == 110
+
+
+@pytest.mark.integration
+def test_a_rebalance_mid_alarm_hands_the_alarm_to_the_new_owner_under_the_same_id(
+    kafka_broker: Broker, tiny_bundle: Path, fashion_test: np.ndarray
+) -> None:
+    names = topics(kafka_broker, "frames", "alerts", "state", partitions=2)
+    healthy, broken = fashion_test[600:], noise(60, seed=13)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap_servers)
+
+    def send(images: list[np.ndarray], start: int) -> None:
+        for i, image in enumerate(images):
+            for partition, key in ((0, b"cam-a"), (1, b"cam-b")):
+                ts = T0 + 2000 * (start + i)
+                producer.send(
+                    names["frames"], key=key, value=png(image), partition=partition, timestamp_ms=ts
+                )
+        producer.flush()
+
+    settings = run_settings(
+        kafka_broker,
+        tiny_bundle,
+        names,
+        alerts="cameras",
+        alarm_rate=None,
+        state_topic=names["state"],
+    )
+    send([healthy[i] for i in range(30)] + list(broken[:30]), 0)  # both cameras break
+    first = StreamMonitor(settings).start()
+    try:
+        wait_for(lambda: first.stats.frames >= 120, 60, "the first member to score both cameras")
+        second = StreamMonitor(settings).start()  # joins: one partition moves to it
+        try:
+            wait_for(
+                lambda: first.inflight.assigned == 1 and second.inflight.assigned == 1,
+                60,
+                "a rebalance",
+            )
+            send(list(broken[30:]) + [healthy[30 + i] for i in range(60)], 60)  # then they heal
+            wait_for(
+                lambda: first.stats.frames + second.stats.frames >= 300,
+                90,
+                "all frames",
+            )
+            wait_for(
+                lambda: (
+                    sum(
+                        r["kind"] == "camera-cleared"
+                        for r in _camera_records(kafka_broker, names["alerts"])
+                    )
+                    >= 2
+                ),
+                60,
+                "both alarms cleared",
+            )
+        finally:
+            second.stop()
+    finally:
+        first.stop()
+        producer.close()
+    records = _camera_records(kafka_broker, names["alerts"])
+    opened = {
+        r["source"]["key"]: r["alarm"]["id"]
+        for r in records
+        if r["kind"] == "camera-alarm" and not r["reminder"]
+    }
+    assert (
+        len([r for r in records if r["kind"] == "camera-alarm" and not r["reminder"]]) == 2
+    )  # one each
+    cleared = {r["key"]: r["alarm_id"] for r in records if r["kind"] == "camera-cleared"}
+    assert cleared == opened  # each cleared under the id it opened with, whoever owned it then
