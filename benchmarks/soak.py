@@ -6,7 +6,16 @@ frames at a fixed rate: Fashion-MNIST test images (in-distribution), some MNIST 
 PNG, an empty value, a PNG header that claims 100000 x 100000 pixels, an .npy of object dtype),
 so the dead-letter path works the whole time. Every `--sample-s` seconds it reads the process's
 RSS (VmRSS), open file descriptors, threads and CPU time from /proc, and frames scored and dead
-letters from its /metrics.
+letters from its /metrics. With `--burst-every-s`, it also sends `--burst-messages` at once that
+often: backlog episodes on a quiet machine, as a busy one makes them by chance.
+
+Memory, to tell a leak from the allocator keeping freed memory: every sample splits RSS by kind
+of mapping (/proc/PID/smaps: the main malloc arena's [heap], the thread arenas' 64 MiB heaps,
+other anonymous memory, files), and `run` writes a report every 30 s (SDNS_MEMORY_REPORT_DIR,
+sdns_monitor/stream/memory.py): what glibc's malloc holds in use and free, per arena, and with
+`--tracemalloc N` the Python-level allocations. `--env NAME=VALUE` sets `run`'s environment
+(e.g. SDNS_MALLOC_TRIM_S=0 turns the trimming off, MALLOC_ARENA_MAX=2), `--allocator jemalloc`
+preloads libjemalloc (`apt-get install libjemalloc2`), `--label` names the configuration.
 
 At the end it checks that nothing was lost: every good frame has a record in the scores topic
 (distinct offsets), every bad one is in the dead-letter topic, the group's committed offsets
@@ -18,6 +27,8 @@ below: flat, levelling off (RSS grew over the window but not over its later half
     make soak [MINUTES=12]
     python benchmarks/soak.py [--minutes 12] [--rate 150] [--model BUNDLE]
                               [--out benchmarks/results/soak.json]
+    python benchmarks/soak.py --minutes 10 --label no-trim --env SDNS_MALLOC_TRIM_S=0 \
+                              --burst-every-s 60 --out benchmarks/results/soak-no-trim.json
 
 Exit status: 1 if frames were lost, offsets were left uncommitted or `run` died (or did not exit
 0 on SIGTERM); the growth verdict is reported, never failed on. Without --model it uses the
@@ -59,6 +70,11 @@ RSS_SLOPE_LIMIT_MIB_PER_10MIN = 20.0
 FD_GROWTH_LIMIT = 2
 THREAD_GROWTH_LIMIT = 2
 TANSU_ENV = {"SDNS_SESSION_TIMEOUT_MS": "6000", "SDNS_HEARTBEAT_INTERVAL_MS": "1000"}
+JEMALLOC = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+)
+ARENA_HEAP = 64 * 1024 * 1024  # glibc's HEAP_MAX_SIZE (64-bit): a thread arena's heaps
 
 
 # ---------------------------------------------------------------------------- model and frames
@@ -140,6 +156,7 @@ class Produced:
     good: set[tuple[int, int]] = field(default_factory=set)
     bad: dict[tuple[int, int], str] = field(default_factory=dict)
     sent: int = 0
+    burst_sent: int = 0  # of `sent`, in bursts
     errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     started: float = 0.0
@@ -161,10 +178,13 @@ def produce_steady(
     ood_fraction: float,
     out: Produced,
     stop: threading.Event,
+    burst_every_s: float = 0.0,
+    burst_messages: int = 0,
 ) -> None:
     """Send `rate` messages per second for `seconds`, recording the offsets. Four cameras
     (keys camera-0..3), camera N on partition N % partitions: with two partitions, the default
-    partitioner would put all four keys on one of them."""
+    partitioner would put all four keys on one of them. With `burst_every_s`, also
+    `burst_messages` good frames at once that often (the first after one interval)."""
     from kafka import KafkaProducer
 
     rng = np.random.default_rng(0)
@@ -181,9 +201,22 @@ def produce_steady(
         with out.lock:
             out.errors.append(f"{type(exc).__name__}: {exc}")
 
+    def send(camera: int, kind: str, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        future = producer.send(
+            topic,
+            key=b"camera-%d" % camera,
+            value=value,
+            headers=headers,
+            partition=camera % partitions,
+        )
+        future.add_callback(ok, kind)
+        future.add_errback(failed)
+        out.sent += 1
+
     partitions = len(producer.partitions_for(topic))
     total = int(rate * seconds)
     out.started = t0 = time.monotonic()
+    next_burst = t0 + burst_every_s if burst_every_s > 0 and burst_messages > 0 else float("inf")
     for i in range(total):
         if stop.is_set():
             break
@@ -192,6 +225,12 @@ def produce_steady(
             time.sleep(delay)
         else:
             out.max_behind_s = max(out.max_behind_s, -delay)
+        if time.monotonic() >= next_burst:
+            next_burst += burst_every_s
+            for j in range(burst_messages):
+                frame = pool.fashion[(i + j) % len(pool.fashion)]
+                send(j % 4, "good", frame, [("content-type", b"image/png")])
+                out.burst_sent += 1
         good = pool.fashion[i % len(pool.fashion)]
         headers = [("content-type", b"image/png")]
         if (i + 1) % bad_every == 0:
@@ -204,16 +243,7 @@ def produce_steady(
             kind, value = "good", good
         # Bad messages rotate over the keys too, so that every partition gets its share.
         camera = (i // bad_every if kind != "good" else i) % 4
-        future = producer.send(
-            topic,
-            key=b"camera-%d" % camera,
-            value=value,
-            headers=headers,
-            partition=camera % partitions,
-        )
-        future.add_callback(ok, kind)
-        future.add_errback(failed)
-        out.sent += 1
+        send(camera, kind, value, headers)
     producer.flush()
     producer.close()
     out.finished = time.monotonic()
@@ -241,6 +271,44 @@ def proc_status(pid: int) -> dict[str, float]:
     stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     out["cpu_s"] = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
     return out
+
+
+def smaps_split(pid: int) -> dict[str, float]:
+    """RSS of a live process by kind of mapping (MiB), from /proc/PID/smaps: `heap_main` is the
+    main malloc arena ([heap], grown with brk); `heap_arenas` the heaps of glibc's thread arenas
+    (anonymous mappings inside a 64 MiB block that one of them starts at its aligned start: a
+    heuristic; the reports `run` writes have the exact per-arena sizes); `anon_other` the rest
+    of the anonymous memory (blocks malloc mmaps one by one, thread stacks, torch's and
+    jemalloc's own mappings); `file` file-backed pages."""
+    out = {"heap_main": 0.0, "heap_arenas": 0.0, "anon_other": 0.0, "file": 0.0}
+    vmas: list[list[Any]] = []  # start, end, path, rss, anonymous
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if len(head) >= 5 and "-" in head[0] and ":" not in head[0]:
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            vmas.append([lo, hi, head[5].strip() if len(head) > 5 else "", 0.0, 0.0])
+        elif head and head[0] in ("Rss:", "Anonymous:") and vmas:
+            vmas[-1][3 if head[0] == "Rss:" else 4] += int(head[1]) / 1024
+    block = (-1, -1)  # the 64 MiB block of the thread-arena heap being walked
+    for lo, hi, path, rss, anon in vmas:
+        if path == "[heap]":
+            out["heap_main"] += rss
+        elif path and not path.startswith("["):
+            out["file"] += rss - anon
+            out["anon_other"] += anon  # private copies of file pages (relocations, .bss)
+        elif path:  # [stack], [vdso], ...
+            out["anon_other"] += rss
+        else:
+            if lo % ARENA_HEAP == 0 and hi - lo <= ARENA_HEAP:
+                block = (lo, lo + ARENA_HEAP)  # a heap starts with its heap_info, aligned
+            inside = block[0] <= lo and hi <= block[1]
+            out["heap_arenas" if inside else "anon_other"] += rss
+    return out
+
+
+def read_memory_reports(folder: Path) -> list[dict[str, Any]]:
+    """The reports `run` wrote (sdns_monitor/stream/memory.py), oldest first."""
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("memory-*.json"))]
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
@@ -419,6 +487,15 @@ def growth(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any] | N
         "throughput_cv": float(rates.std() / max(rates.mean(), 1e-9)),
         "cpu_percent_mean": float(np.mean(cpu)) if cpu else None,
         "consumer_lag_max": max(lag) if lag else None,
+        # where the RSS is (smaps_split), MiB per 10 min and first -> last
+        "by_mapping": {
+            key: {
+                "slope_mib_per_10min": _slope([s[key] for s in steady], t),
+                "first_last": [steady[0][key], steady[-1][key]],
+            }
+            for key in ("rss_anon_mib", *(f"{k}_mib" for k in SPLIT_KEYS))
+            if all(key in s for s in steady)
+        },
     }
     rss_flat = out["rss_slope_mib_per_10min"] < RSS_SLOPE_LIMIT_MIB_PER_10MIN
     rss_levelled = out["rss_slope_later_half_mib_per_10min"] < RSS_SLOPE_LIMIT_MIB_PER_10MIN
@@ -445,6 +522,65 @@ def growth(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any] | N
     return out
 
 
+SPLIT_KEYS = ("heap_main", "heap_arenas", "anon_other", "file")
+
+
+def _slope(values: list[float], t: np.ndarray) -> float:
+    """Least-squares slope in units per 10 minutes."""
+    return float(np.polyfit(t, np.asarray(values, dtype=float), 1)[0]) * 600
+
+
+def memory_growth(
+    reports: list[dict[str, Any]], t0_wall: float, warmup_s: float
+) -> dict[str, Any] | None:
+    """What `run`'s own reports say after the warm-up: malloc's bytes in use and free, arenas,
+    trims, and (with --tracemalloc) Python-level memory and the sites that grew most."""
+    for r in reports:
+        r["soak_t_s"] = r["time"] - t0_wall
+    steady = [r for r in reports if r["soak_t_s"] >= warmup_s]
+    if len(steady) < 3:
+        return None
+    t = np.array([r["soak_t_s"] for r in steady])
+    first, last = steady[0], steady[-1]
+    out: dict[str, Any] = {
+        "reports": len(steady),
+        "rss_mib_first_last": [first["rss_mib"], last["rss_mib"]],
+        "upkeep": last["upkeep"],
+    }
+    if all(r["heap"] for r in steady):
+        for key in ("heaps", "in_use", "free", "mmapped"):
+            out[f"malloc_{key}_mib"] = {
+                "first_last": [first["heap"][key], last["heap"][key]],
+                "slope_mib_per_10min": _slope([r["heap"][key] for r in steady], t),
+            }
+    if all(r["arenas"] is not None for r in steady):
+        out["arenas_first_last"] = [len(first["arenas"]), len(last["arenas"])]
+        out["arenas_last"] = last["arenas"]
+    if all("gc" in r for r in steady):
+        # collections and objects found in reference cycles, per generation, over the window
+        out["gc_after_warmup"] = [
+            {
+                "collections": b["collections"] - a["collections"],
+                "collected": b["collected"] - a["collected"],
+            }
+            for a, b in zip(first["gc"], last["gc"], strict=True)
+        ]
+    if all("python" in r for r in steady):
+        out["python_traced_mib"] = {
+            "first_last": [first["python"]["traced_mib"], last["python"]["traced_mib"]],
+            "slope_mib_per_10min": _slope([r["python"]["traced_mib"] for r in steady], t),
+        }
+        before = {x["site"]: x["mib"] for x in first["python"]["top"]}
+        after = {x["site"]: x["mib"] for x in last["python"]["top"]}
+        grew = sorted(
+            ((site, after.get(site, 0.0) - before.get(site, 0.0)) for site in {*before, *after}),
+            key=lambda kv: -abs(kv[1]),
+        )
+        out["python_sites_changed_mib"] = [{"site": k, "mib": v} for k, v in grew[:10]]
+        out["python_top_last"] = last["python"]["top"][:10]
+    return out
+
+
 def log_stats(path: Path, seconds: float) -> dict[str, Any]:
     """How chatty `run` was: lines, warnings and errors, lines per minute, the commonest."""
     lines = path.read_text(errors="replace").splitlines()
@@ -468,6 +604,13 @@ def log_stats(path: Path, seconds: float) -> dict[str, Any]:
     }
 
 
+def _module_dir() -> str:
+    """Where the sdns_monitor that `run` imports lives (PYTHONPATH may point at a copy)."""
+    import sdns_monitor
+
+    return str(Path(sdns_monitor.__file__).parent)
+
+
 # ---------------------------------------------------------------------------- main
 def main() -> int:
     ap = argparse.ArgumentParser(
@@ -483,7 +626,25 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=None, help="bundle (default: the demo's)")
     ap.add_argument("--workdir", type=Path, default=None, help="logs (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/soak.json"))
+    ap.add_argument("--label", default="default", help="names the configuration in the report")
+    ap.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="for `run` (repeatable)"
+    )
+    ap.add_argument("--allocator", choices=("glibc", "jemalloc"), default="glibc")
+    ap.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES", help="in `run`")
+    ap.add_argument("--burst-every-s", type=float, default=0.0, help="backlog episodes")
+    ap.add_argument("--burst-messages", type=int, default=1500, help="per burst")
     args = ap.parse_args()
+    child_env = dict(item.split("=", 1) for item in args.env)
+    if args.allocator == "jemalloc":
+        found = [p for p in JEMALLOC if Path(p).exists()]
+        if not found:
+            ap.error(
+                "--allocator jemalloc: libjemalloc.so.2 not found (apt-get install libjemalloc2)"
+            )
+        child_env["LD_PRELOAD"] = found[0]
+    if args.tracemalloc:
+        child_env["SDNS_TRACEMALLOC"] = str(args.tracemalloc)
     warmup_s = args.warmup_minutes * 60
     if args.minutes * 60 <= warmup_s + 3 * args.sample_s:
         warmup_s = args.minutes * 60 / 3  # a short smoke run still has something to fit
@@ -536,15 +697,16 @@ def main() -> int:
         print(f"broker {broker.bootstrap_servers}; logs in {workdir}", flush=True)
         print("$ " + " ".join(cmd), flush=True)
         with run_log.open("wb") as log_file:
-            proc = subprocess.Popen(
-                cmd, env={**os.environ, **TANSU_ENV}, stdout=log_file, stderr=subprocess.STDOUT
-            )
+            reports = workdir / "memory"
+            env = {**os.environ, **TANSU_ENV, "SDNS_MEMORY_REPORT_DIR": str(reports), **child_env}
+            proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         try:
             result = soak(args, broker, names, group, port, proc, pool, warmup_s)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        result["memory"] = memory_growth(read_memory_reports(reports), result["t0_wall"], warmup_s)
         result["run_log"] = log_stats(run_log, result["seconds_streamed"])
         result["run_log"]["path"] = str(run_log)
     result.update(
@@ -564,6 +726,11 @@ def main() -> int:
                 "bad_every": args.bad_every,
                 "ood_fraction": args.ood_fraction,
                 "partitions": args.partitions,
+                "label": args.label,
+                "child_env": child_env,
+                "burst_every_s": args.burst_every_s,
+                "burst_messages": args.burst_messages,
+                "sdns_monitor_from": _module_dir(),
             },
         }
     )
@@ -608,10 +775,12 @@ def soak(
             args.ood_fraction,
             produced,
             stop,
+            args.burst_every_s,
+            args.burst_messages,
         ),
         daemon=True,
     )
-    t0 = time.monotonic()
+    t0, t0_wall = time.monotonic(), time.time()
     producer.start()
     samples: list[dict[str, Any]] = []
     last: dict[str, Any] | None = None
@@ -628,7 +797,9 @@ def soak(
         samples.append(sample)
         last = sample
         print(
-            f"  t={sample['t_s']:5.0f} s  rss {sample['rss_mib']:6.1f} MiB  fds {sample['fds']:3d}"
+            f"  t={sample['t_s']:5.0f} s  rss {sample['rss_mib']:6.1f} MiB (heap "
+            f"{sample['heap_main_mib']:.0f} arenas {sample['heap_arenas_mib']:.0f} anon "
+            f"{sample['anon_other_mib']:.0f})  fds {sample['fds']:3d}"
             f"  threads {sample['threads']:3d}  {_f(sample['frames_per_s'])} frames/s  "
             f"scored {_f(sample['frames'])}  dead {_f(sample['dead_letters'])}  "
             f"lag {_f(sample['lag'])}  cpu {_f(sample['cpu_percent'])}%",
@@ -704,6 +875,7 @@ def soak(
         problems.append(f"{wrongly_dead} good frames went to the dead-letter topic")
     return {
         "seconds_streamed": streamed_s,
+        "t0_wall": t0_wall,
         "ready_s": ready_s,
         "drain_s": drain_s,
         "stop_s": stop_s,
@@ -713,6 +885,7 @@ def soak(
             "good": len(produced.good),
             "bad": len(produced.bad),
             "rate_achieved": produced.sent / max(produced.finished - produced.started, 1e-9),
+            "in_bursts": produced.burst_sent,
             "max_behind_schedule_s": produced.max_behind_s,
             "send_errors": produced.errors[:5],
         },
@@ -747,6 +920,7 @@ def take_sample(
 ) -> dict[str, Any]:
     now = time.monotonic()
     status = proc_status(pid)
+    split = smaps_split(pid)
     metrics = scrape(port)
     sample: dict[str, Any] = {
         "t_s": now - t0,
@@ -754,6 +928,7 @@ def take_sample(
         "hwm_mib": status["VmHWM"],
         "rss_anon_mib": status["RssAnon"],
         "rss_file_mib": status["RssFile"],
+        **{f"{k}_mib": v for k, v in split.items()},
         "fds": int(status["fds"]),
         "threads": int(status["threads"]),
         "cpu_s": status["cpu_s"],
@@ -781,6 +956,69 @@ def take_sample(
     return sample
 
 
+def _env_text(s: dict[str, Any]) -> str:
+    given = [f"{k}={v}" for k, v in s["child_env"].items()]
+    return " ".join(given) if given else "defaults"
+
+
+def _burst_text(s: dict[str, Any]) -> str:
+    if not s["burst_every_s"] or not s["burst_messages"]:
+        return ""
+    return f" plus {s['burst_messages']} at once every {s['burst_every_s']:g} s"
+
+
+def _by_mapping_rows(g: dict[str, Any]) -> list[str]:
+    rows = []
+    names = {
+        "heap_main_mib": "main arena [heap]",
+        "heap_arenas_mib": "thread arenas' heaps",
+        "anon_other_mib": "other anonymous",
+        "file_mib": "file-backed",
+    }
+    for key, name in names.items():
+        m = g.get("by_mapping", {}).get(key)
+        if m is not None:
+            rows.append(
+                f"| RSS in {name} (MiB first -> last; slope per 10 min) | "
+                f"{m['first_last'][0]:.0f} -> {m['first_last'][1]:.0f}; "
+                f"{m['slope_mib_per_10min']:+.1f} |"
+            )
+    return rows
+
+
+def _memory_rows(m: dict[str, Any] | None) -> list[str]:
+    if m is None:
+        return []
+    rows = []
+    for key, name in (("in_use", "in use"), ("free", "free"), ("mmapped", "mmapped one by one")):
+        x = m.get(f"malloc_{key}_mib")
+        if x is not None:
+            rows.append(
+                f"| malloc: {name} (MiB first -> last; slope per 10 min) | "
+                f"{x['first_last'][0]:.0f} -> {x['first_last'][1]:.0f}; "
+                f"{x['slope_mib_per_10min']:+.1f} |"
+            )
+    if "arenas_first_last" in m:
+        a = m["arenas_first_last"]
+        rows.append(f"| malloc arenas first / last | {a[0]} / {a[1]} |")
+    u = m["upkeep"]
+    rows.append(
+        f"| trims (every {u['trim_every_s']:g} s) / RSS they released / time in them | "
+        f"{u['trims']} / {u['trim_released_mib']:.0f} MiB / {u['trim_seconds']:.2f} s |"
+    )
+    if "gc_after_warmup" in m:
+        per_gen = ", ".join(f"{g['collected']} in {g['collections']}" for g in m["gc_after_warmup"])
+        rows.append(f"| objects freed by the cycle collector (gen 0, 1, 2) | {per_gen} |")
+    py = m.get("python_traced_mib")
+    if py is not None:
+        rows.append(
+            f"| Python-level memory, tracemalloc (MiB first -> last; slope per 10 min) | "
+            f"{py['first_last'][0]:.1f} -> {py['first_last'][1]:.1f}; "
+            f"{py['slope_mib_per_10min']:+.2f} |"
+        )
+    return rows
+
+
 def _f(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
@@ -789,8 +1027,8 @@ def table(r: dict[str, Any]) -> str:
     m, p, g = r["machine"], r["produced"], r["growth"]
     s, lost = r["settings"], r["lost"]
     lines = [
-        f"soak of `sdns-monitor run`: {s['minutes']:g} min at {s['rate']:g} messages/s, "
-        f"every {s['bad_every']}th bad; model {r['model']['path']} ({r['model']['source']}); "
+        f"soak of `sdns-monitor run` ({s['label']}: {_env_text(s)}): {s['minutes']:g} min at "
+        f"{s['rate']:g} messages/s{_burst_text(s)}, every {s['bad_every']}th bad; model {r['model']['path']} ({r['model']['source']}); "
         f"{m['cpu']}, {m['cores']} cores, load average {m['loadavg_start'][0]:.1f} at the start, "
         f"{m['loadavg_end'][0]:.1f} at the end",
         "",
@@ -823,6 +1061,7 @@ def table(r: dict[str, Any]) -> str:
             f"{g['rss_anon_mib_first_last'][0]:.0f} -> {g['rss_anon_mib_first_last'][1]:.0f}, "
             f"file-backed {g['rss_file_mib_first_last'][0]:.0f} -> "
             f"{g['rss_file_mib_first_last'][1]:.0f}) |",
+            *_by_mapping_rows(g),
             f"| **open fds** first / last / max (flat: growth <= {FD_GROWTH_LIMIT}) | "
             f"**{g['fds_first']} / {g['fds_last']} / {g['fds_max']}: {v['fds']}** |",
             f"| **threads** first / last / max (flat: growth <= {THREAD_GROWTH_LIMIT}) | "
@@ -834,6 +1073,7 @@ def table(r: dict[str, Any]) -> str:
             f"| throughput coefficient of variation | {g['throughput_cv']:.3f} |",
             f"| consumer lag, max after warm-up (messages) | {_f(g['consumer_lag_max'])} |",
             f"| CPU of `run`, mean (% of one core) | {_f(g['cpu_percent_mean'])} |",
+            *_memory_rows(r.get("memory")),
             f"| verdict | **{v['overall']}** |",
         ]
     last = r["final_sample"] or (r["samples"][-1] if r["samples"] else None)

@@ -12,7 +12,7 @@ import threading
 import time
 from collections import Counter as Tally
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -23,6 +23,8 @@ from sdns_monitor.records import Alert, CameraAlert, Source, encode_key, output_
 from sdns_monitor.settings import RunSettings
 from sdns_monitor.stream.intake import UnreadableMessage
 from sdns_monitor.stream.routing import Models
+
+E = TypeVar("E", bound=BaseException)
 
 
 @dataclass(frozen=True)
@@ -155,12 +157,29 @@ def decode_messages(messages: list[Any], models: Models, limits: DecodeLimits) -
             min_size = detector.manifest.input.size if limits.reduced_jpeg else None
             images = detector.prepare(decode_value(m, limits, min_size))
         except Exception as exc:  # whatever one message does, it is that message's dead letter
-            out.undecodable.append(Undecodable(m, exc, Source(**base)))
+            out.undecodable.append(Undecodable(m, _without_frames(exc), Source(**base)))
             continue
         for i in range(images.shape[0]):
             source = Source(**base, frame_index=i)
             out.frames.append(Frame(source, output_key(m.key), images[i : i + 1], detector))
     return out
+
+
+def _without_frames(exc: E) -> E:
+    """`exc` and the exceptions chained to it, without their tracebacks: a traceback holds the
+    frames it passed through, and so `decode_messages`' own, whose `out` holds `exc`: a
+    reference cycle that kept every batch with a bad message (its messages, images and
+    frames) alive until a full garbage collection, minutes later."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        todo += [e.__cause__, e.__context__]
+    return exc
 
 
 def decode_value(message: Any, limits: DecodeLimits, min_size: int | None = None) -> np.ndarray:

@@ -35,7 +35,7 @@ from sdns_monitor.errors import ScoringUnavailable, SdnsError
 from sdns_monitor.records import Alert, CameraAlert
 from sdns_monitor.scoring import cannot_flag
 from sdns_monitor.settings import RunSettings
-from sdns_monitor.stream import kafka
+from sdns_monitor.stream import kafka, memory
 from sdns_monitor.stream.batch import Batch, Decoded, DecodeLimits, decode_messages
 from sdns_monitor.stream.health import Status, StreamStats
 from sdns_monitor.stream.intake import Intake
@@ -211,7 +211,8 @@ class StreamMonitor:
             self._producer = kafka.Producer(s, producer)
             self.scorer.start(lambda: self._producer.current if self._producer else None)
             try:
-                self._loop(consumer, decoders, stop, idle_exit_s)
+                with memory.upkeep():  # returns freed heap memory to the system (memory.py)
+                    self._loop(consumer, decoders, stop, idle_exit_s)
             finally:
                 self.scorer.close()  # finishes what it has, then stops
         finally:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import io
+import weakref
 
 import numpy as np
 import pytest
@@ -86,3 +88,20 @@ def test_limits_come_from_the_settings_and_reach_the_decoder() -> None:
     assert "exceeds max_pixels=100" in reasons[0]
     assert "more than max_frames_per_message=2" in reasons[1]
     assert not DecodeLimits.of(settings(full_jpeg_decode=True)).reduced_jpeg
+
+
+def test_a_bad_message_does_not_keep_its_batch_alive_after_use() -> None:
+    # The dead letter keeps the exception; its traceback must not keep decode_messages' frame,
+    # and with it every frame of the batch, alive until a full garbage collection.
+    messages = [Message("frames", 0, 1, png(100)), Message("frames", 0, 2, b"\x00junk")]
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        decoded = decode_messages(messages, models(), DecodeLimits())
+        assert len(decoded.undecodable) == 1
+        source = weakref.ref(decoded.frames[0].source)
+        del decoded, messages
+        assert source() is None  # freed by reference counting alone
+    finally:
+        if enabled:
+            gc.enable()
