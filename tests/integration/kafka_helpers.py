@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
 from PIL import Image
 
 from sdns_monitor.broker import Broker, free_port
@@ -49,7 +50,10 @@ def topics(broker: Broker, *names: str, partitions: int = 1) -> dict[str, str]:
     run_id = uuid.uuid4().hex[:8]
     out = {name: f"{name}-{run_id}" for name in names}
     admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
-    admin.create_topics([NewTopic(t, partitions, 1) for t in out.values()])
+    # The client may retry its own request on a busy machine; the names are new (a fresh run
+    # id), so one that "already exists" was made by the first attempt.
+    with contextlib.suppress(TopicAlreadyExistsError):
+        admin.create_topics([NewTopic(t, partitions, 1) for t in out.values()])
     admin.close()
     return {**out, "run_id": run_id}
 
