@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from sdns_monitor.stream import memory
 glibc_only = pytest.mark.skipif(memory._LIBC is None, reason="needs glibc's malloc")
 
 
-def _wait_for(condition, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -73,7 +74,12 @@ def test_settings_come_from_the_environment(caplog: pytest.LogCaptureFixture) ->
 
 def test_upkeep_trims_periodically_while_its_block_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[float] = []
-    monkeypatch.setattr(memory, "trim", lambda: calls.append(time.monotonic()) or True)
+
+    def trim() -> bool:
+        calls.append(time.monotonic())
+        return True
+
+    monkeypatch.setattr(memory, "trim", trim)
     with memory.upkeep({"SDNS_MALLOC_TRIM_S": "0.01"}) as state:
         assert _wait_for(lambda: len(calls) >= 3)
     done = len(calls)
