@@ -634,6 +634,12 @@ def main() -> int:
     ap.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES", help="in `run`")
     ap.add_argument("--burst-every-s", type=float, default=0.0, help="backlog episodes")
     ap.add_argument("--burst-messages", type=int, default=1500, help="per burst")
+    ap.add_argument(
+        "--no-state",
+        dest="state",
+        action="store_false",
+        help="run without the camera-state topic (deploy/ sets one; on by default here)",
+    )
     args = ap.parse_args()
     child_env = dict(item.split("=", 1) for item in args.env)
     if args.allocator == "jemalloc":
@@ -663,10 +669,15 @@ def main() -> int:
 
     with start_broker(log=workdir / "tansu.log") as broker:
         run_id = uuid.uuid4().hex[:8]
-        names = {n: f"soak-{n}-{run_id}" for n in ("frames", "scores", "alerts", "dlq")}
+        kinds = ("frames", "scores", "alerts", "dlq", *(("state",) if args.state else ()))
+        names = {n: f"soak-{n}-{run_id}" for n in kinds}
+        co_partitioned = ("frames", "state")  # the state topic has the input's partitions
         admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
         admin.create_topics(
-            [NewTopic(t, args.partitions if n == "frames" else 1, 1) for n, t in names.items()]
+            [
+                NewTopic(t, args.partitions if n in co_partitioned else 1, 1)
+                for n, t in names.items()
+            ]
         )
         admin.close()
         group = f"soak-{run_id}"
@@ -693,6 +704,7 @@ def main() -> int:
             "127.0.0.1",
             "--metrics-port",
             str(port),
+            *(("--state-topic", names["state"]) if args.state else ()),
         ]
         print(f"broker {broker.bootstrap_servers}; logs in {workdir}", flush=True)
         print("$ " + " ".join(cmd), flush=True)
@@ -730,6 +742,7 @@ def main() -> int:
                 "child_env": child_env,
                 "burst_every_s": args.burst_every_s,
                 "burst_messages": args.burst_messages,
+                "state_topic": args.state,
                 "sdns_monitor_from": _module_dir(),
             },
         }
@@ -864,6 +877,9 @@ def soak(
         dead[where] = dead.get(where, 0) + 1
         kind = produced.bad.get(where, "unexpected")
         dead_reasons[kind] = dead_reasons.get(kind, 0) + 1
+    state_records = (
+        len(read_topic(broker.bootstrap_servers, names["state"])) if "state" in names else None
+    )
     lost_good = len(produced.good - scored.keys())
     lost_bad = len(produced.bad.keys() - dead.keys())
     wrongly_dead = len(produced.good & dead.keys())
@@ -908,6 +924,7 @@ def soak(
         "committed_vs_produced": {
             str(p): [offsets_after.get(p, 0), end] for p, end in sorted(ends.items())
         },
+        "state_records": state_records,
         "final_sample": final,
         "samples": samples,
         "growth": growth(samples, warmup_s),
@@ -1045,6 +1062,7 @@ def table(r: dict[str, Any]) -> str:
         f"{lost['uncommitted']}** |",
         f"| `run` exit code on SIGTERM (stop took) | {r['exit_code']} ({_f(r['stop_s'])} s) |",
         f"| drain after the stream (s) | {r['drain_s']:.1f} |",
+        f"| camera-state records written (state topic) | {_f(r.get('state_records'))} |",
     ]
     if g is not None:
         v = g["verdict"]

@@ -44,7 +44,7 @@ class Alerting(Protocol):
         """Send the alerts the frames of a batch (in offset order) cause."""
 
     def tick(self, batch: Batch, producer: Any) -> None:
-        """Send what time alone causes (closings, silences)."""
+        """Send what time alone causes (closings, silences, expired cameras' state)."""
 
     def idle_work(self) -> bool:
         """Whether `tick` may have something to send on an idle stream."""
@@ -108,24 +108,22 @@ class CameraAlerts:
             self.outputs.send(
                 batch, producer, topic, key=frame.key, value=to_json(record), about=frame.source
             )
-        self._write_state(batch, producer)
 
     def _write_state(self, batch: Batch, producer: Any) -> None:
-        """The state of the cameras this batch changed, to the state topic (state.py)."""
+        """The state of the cameras this batch changed (frames, silences, expiry), to the state
+        topic (state.py); an expired camera's is a tombstone."""
         topic = self.settings.state_topic
         changed = self.alarms.take_dirty()
         if topic is None:
             return
-        for (input_topic, key), camera in changed:
-            if camera is None:  # forgotten (expired): its last state stays until compacted
-                continue
+        for (input_topic, key), partition, camera in changed:
             self.outputs.send(
                 batch,
                 producer,
                 topic,
                 key=state.state_key(input_topic, key),
-                value=state.encode(camera),
-                partition=camera["partition"],
+                value=None if camera is None else state.encode(camera),
+                partition=partition,
             )
 
     def move(self, moves: list[tuple[str, set[Any]]]) -> None:
@@ -146,9 +144,10 @@ class CameraAlerts:
             topic = self.settings.alert_topic
             about = silent.last_frame
             self.outputs.send(batch, producer, topic, key=key, value=to_json(silent), about=about)
+        self._write_state(batch, producer)
 
     def idle_work(self) -> bool:
-        return len(self.alarms) > 0 and self.settings.silent_after_s > 0
+        return len(self.alarms) > 0  # silences and expiry run on the monitor's clock
 
 
 class FrameIncidents:

@@ -103,6 +103,7 @@ class CameraAlarms:
         self._seq = 0
         self._alarmed: set[Ident] = set()  # cameras whose alarm is open
         self.dirty: set[Ident] = set()  # cameras changed since `take_dirty` (for the state topic)
+        self._expired: dict[Ident, int] = {}  # forgotten since `take_dirty`: their partitions
         self.clamped: Tally[str] = Tally()  # timestamps clamped, by "future" / "past"
 
     @property
@@ -262,13 +263,22 @@ class CameraAlarms:
                 self._touch(key)
                 del cameras[key]
                 self._alarmed.discard(key)
+                self._expired[key] = camera.partition
         return out
 
     # ------------------------------------------------------------------ the state topic
-    def take_dirty(self) -> list[tuple[Ident, dict[str, Any] | None]]:
-        """The cameras changed since the last call: their state to write (None: forgotten)."""
-        out = [(key, self.export(key)) for key in sorted(self.dirty, key=repr)]
+    def take_dirty(self) -> list[tuple[Ident, int, dict[str, Any] | None]]:
+        """The cameras changed since the last call: (camera, partition of its frames, state to
+        write), the state None for a camera that expired (a tombstone: compaction drops it)."""
+        out: list[tuple[Ident, int, dict[str, Any] | None]] = []
+        for key in sorted(self.dirty, key=repr):
+            state = self.export(key)
+            if state is not None:
+                out.append((key, state["partition"], state))
+            elif key in self._expired:  # not brought back by an undo since
+                out.append((key, self._expired[key], None))
         self.dirty.clear()
+        self._expired.clear()
         return out
 
     def export(self, key: Ident) -> dict[str, Any] | None:
@@ -285,6 +295,7 @@ class CameraAlarms:
             "offset": camera.offset,
             "s": camera.cusum.s,
             "event_ms": camera.event_ms,
+            "silent": key in self._silent,  # its silence was reported: not again after a restart
             "last_frame": None if camera.last_frame is None else camera.last_frame.model_dump(),
             "change_start": (
                 None if camera.change_start is None else camera.change_start.model_dump()
@@ -331,7 +342,7 @@ class CameraAlarms:
         )
         self._silent.pop(key, None)
         self._active.pop(key, None)
-        self._active[key] = camera
+        (self._silent if state.get("silent") else self._active)[key] = camera
         self._alarmed.discard(key)
         if alarm is not None:
             self._alarmed.add(key)
@@ -350,4 +361,5 @@ class CameraAlarms:
             self._silent.pop(key, None)
             self._alarmed.discard(key)
             self.dirty.discard(key)
+            self._expired.pop(key, None)
         return len(gone)

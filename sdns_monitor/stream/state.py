@@ -13,7 +13,8 @@
 - With several input topics (or a pattern), partition N of the state topic holds the cameras
   of partition N of every input topic, told apart by the topic in their key: give the state
   topic at least as many partitions as the widest input topic.
-- Compaction keeps one record per camera; without it (Tansu's memory storage does not compact),
+- A camera that expires (`camera_expiry_s`) leaves a tombstone, which compaction removes with
+  its earlier states. Compaction keeps one record per camera; without it (Tansu's memory storage does not compact),
   a restore reads every state record ever written to those partitions, bounded by RESTORE_S.
 """
 

@@ -141,12 +141,41 @@ def test_cameras_not_seen_for_the_expiry_are_forgotten() -> None:
     assert len(alarms) == 1
 
 
+def test_an_expired_camera_leaves_a_tombstone_unless_an_undo_brings_it_back() -> None:
+    alarms = _alarms(silent_after_s=0.0, expiry_s=100.0)
+    alarms.observe(_source("old", 0), 0.0, now_s=0.0)
+    alarms.take_dirty()
+    alarms.silences(now_s=150.0)
+    assert alarms.take_dirty() == [(("frames", "old"), 0, None)]  # a tombstone for its key
+    alarms.observe(_source("old", 1), 0.0, now_s=200.0)
+    alarms.take_dirty()
+    seq = alarms.snapshot()
+    alarms.silences(now_s=400.0)  # expired in a batch that then fails
+    alarms.restore(seq)
+    ((key, _, state),) = alarms.take_dirty()
+    assert key == ("frames", "old") and state is not None and state["offset"] == 1
+
+
+def test_a_reported_silence_is_not_reported_again_after_a_restart() -> None:
+    before = _alarms(silent_after_s=60.0)
+    before.observe(_source("cam", 0), 0.0, now_s=0.0)
+    assert len(before.silences(now_s=100.0)) == 1
+    ((_, _, state),) = before.take_dirty()
+    assert state is not None and state["silent"] is True
+    after = _alarms(silent_after_s=60.0)
+    after.install(state, now_s=100.0)
+    assert after.silences(now_s=300.0) == []  # silent already: no second record
+    after.observe(_source("cam", 1), 0.0, now_s=301.0)
+    assert len(after.silences(now_s=400.0)) == 1  # back, then silent again: a new one
+
+
 def test_a_cameras_state_survives_export_and_install_and_counts_no_frame_twice() -> None:
     before = _alarms()
     stream = np.concatenate([_evidence(50, 0.0, seed=8), _evidence(60, 3.0, seed=9)])
     events = [before.observe(_source("cam", i), float(e), 1.0) for i, e in enumerate(stream)]
     (opened,) = [e for e in events if e is not None and e.kind == "opened"]
-    (key, state), *_ = before.take_dirty()
+    (key, partition, state), *_ = before.take_dirty()
+    assert partition == 0
     assert key == ("frames", "cam") and state is not None and state["offset"] == 109
     after = _alarms()  # another process, after a restart or a rebalance
     after.install(json.loads(json.dumps(state)))  # through JSON, as the state topic carries it
