@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from sdns_monitor import __version__
 from sdns_monitor.errors import BundleError, first_problem
 from sdns_monitor.networks import BackboneConfig
+from sdns_monitor.scoring import p_values
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -98,12 +99,58 @@ class ScoreSpec(BaseModel):
     default: Literal["sdns", "combined"] = "sdns"  # the score `auto` picks
 
 
+HELD_OUT_RATES = (0.01, 0.02, 0.05, 0.1, 0.2)
+MIN_EXPECTED_FLAGS = 20  # an alarm rate enters the ratio when it should flag this many images
+
+
+class HeldOutCheck(BaseModel):
+    """How often held-out reference images (in neither the bank nor the calibration set) are
+    flagged at each alarm rate, against the calibration scores of one score. Exchangeable
+    images are flagged at the alarm rate, up to the calibration set's finite-sample error; the
+    ratio is what the camera test's margin must at least cover (sequential.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    n: int
+    data: str = ""
+    flag_rates: dict[str, float]  # alarm rate -> fraction of the held-out images flagged
+    # The largest flag rate / alarm rate among the rates expected to flag MIN_EXPECTED_FLAGS
+    # or more images (None when none does: too few held-out images to tell).
+    ratio: float | None = None
+
+
+def held_out_check(scores: np.ndarray, calibration: np.ndarray, data: str) -> HeldOutCheck:
+    """The held-out `scores` against the `calibration` scores (flagged: p < alarm rate)."""
+    return _check(p_values(np.asarray(scores, dtype=np.float64), np.sort(calibration)), data)
+
+
+def cross_check(scores: np.ndarray, data: str, seed: int = 0) -> HeldOutCheck:
+    """For a calibration set with nothing held out (recalibration): each random half against
+    the other. The halves are half the size of the calibration set, so the check sees twice
+    its finite-sample error at most: conservative."""
+    order = np.random.default_rng(seed).permutation(len(scores))
+    a, b = np.sort(scores[order[: len(order) // 2]]), np.sort(scores[order[len(order) // 2 :]])
+    return _check(np.concatenate([p_values(b, a), p_values(a, b)]), f"{data} (halves crossed)")
+
+
+def _check(p: np.ndarray, data: str) -> HeldOutCheck:
+    rates = {a: float(np.mean(p < a)) if p.size else 0.0 for a in HELD_OUT_RATES}
+    ratios = [r / a for a, r in rates.items() if a * p.size >= MIN_EXPECTED_FLAGS]
+    return HeldOutCheck(
+        n=int(p.size),
+        data=data,
+        flag_rates={str(a): r for a, r in rates.items()},
+        ratio=max(ratios) if ratios else None,
+    )
+
+
 class CalibrationSummary(BaseModel):
     model_config = ConfigDict(extra="forbid")
     n: int
     quantiles: dict[str, float]
     default_alarm_rate: float = Field(0.01, gt=0, lt=1)
     data: str = ""
+    # Per score ("sdns", "combined"): held-out reference images against its calibration.
+    held_out: dict[str, HeldOutCheck] = Field(default_factory=dict)
 
 
 class TrainingRecord(BaseModel):
@@ -161,7 +208,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def calibration_summary(scores: np.ndarray, alarm_rate: float, data: str) -> CalibrationSummary:
+def calibration_summary(
+    scores: np.ndarray,
+    alarm_rate: float,
+    data: str,
+    held_out: dict[str, HeldOutCheck] | None = None,
+) -> CalibrationSummary:
     qs = (0.5, 0.9, 0.95, 0.99, 0.999)
     values = np.quantile(scores, qs) if scores.size else np.zeros(len(qs))
     return CalibrationSummary(
@@ -169,6 +221,7 @@ def calibration_summary(scores: np.ndarray, alarm_rate: float, data: str) -> Cal
         quantiles={str(q): float(v) for q, v in zip(qs, values, strict=True)},
         default_alarm_rate=alarm_rate,
         data=data,
+        held_out=held_out or {},
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sdns_monitor.bundle import calibration_summary, load_bundle, write_bundle
+from sdns_monitor.bundle import calibration_summary, cross_check, load_bundle, write_bundle
 from sdns_monitor.data import load_dataset
 from sdns_monitor.detector import Detector, check_rule
 from sdns_monitor.errors import DataError
@@ -39,10 +39,13 @@ def recalibrate(
         combined = Detector(bundle, device=det.device, score="combined").anomaly_scores(prepared)
     m = bundle.manifest
     rate = m.calibration.default_alarm_rate if alarm_rate is None else alarm_rate
+    held_out = {"sdns": cross_check(scores, data)}
+    if combined is not None:
+        held_out["combined"] = cross_check(combined, data)
     manifest = m.model_copy(
         update={
             "name": Path(out).name.removesuffix(".sdns"),
-            "calibration": calibration_summary(scores, rate, data),
+            "calibration": calibration_summary(scores, rate, data, held_out),
             "files": {},
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }

@@ -102,6 +102,13 @@ class Detector:
             raise ConfigError(f"unknown score {mode!r}; use auto, sdns or combined")
         self.score_mode: Literal["sdns", "combined"] = mode
 
+    @property
+    def held_out_ratio(self) -> float | None:
+        """How many times the alarm rate held-out reference images were flagged with this
+        detector's score, at worst (bundle.HeldOutCheck); None if the bundle has no check."""
+        check = self.manifest.calibration.held_out.get(self.score_mode)
+        return None if check is None else check.ratio
+
     @classmethod
     def load(
         cls,

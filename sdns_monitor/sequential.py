@@ -43,12 +43,25 @@ KAPPAS = (0.25, 0.5, 0.75)
 DEFAULT_MARGIN = 1.5
 
 
-def evidence(p_values: np.ndarray, margin: float = DEFAULT_MARGIN) -> np.ndarray:
-    """e(p) of each p-value (float64): positive for p-values smaller than healthy ones."""
+def evidence(p_values: np.ndarray, margin: float | np.ndarray = DEFAULT_MARGIN) -> np.ndarray:
+    """e(p) of each p-value (float64): positive for p-values smaller than healthy ones.
+    `margin`: one for all, or one per p-value (frames of models with different margins)."""
     p = np.clip(np.asarray(p_values, dtype=np.float64), 1e-12, 1.0)
     ratio = np.mean([k * p ** (k - 1.0) for k in KAPPAS], axis=0)
-    c = float(np.mean([margin ** (1.0 - k) for k in KAPPAS]))
+    m = np.asarray(margin, dtype=np.float64)
+    c = np.mean([m ** (1.0 - k) for k in KAPPAS], axis=0)
     return np.asarray(np.log(ratio / c))
+
+
+def camera_margin(configured: float | None, held_out_ratio: float | None) -> float:
+    """The margin a model's frames are tested with: the configured one (`camera_margin`), else
+    the larger of DEFAULT_MARGIN and how many times the alarm rate the bundle's held-out
+    reference images were flagged (bundle.HeldOutCheck; fit measures it). The held-out images
+    come from the reference data, so the ratio sees the calibration set's own error, not how a
+    camera's frames differ from the reference: DEFAULT_MARGIN is there for that."""
+    if configured is not None:
+        return configured
+    return max(DEFAULT_MARGIN, held_out_ratio or 0.0)
 
 
 def threshold(ert_frames: float) -> float:

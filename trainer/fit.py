@@ -34,11 +34,13 @@ import numpy as np
 import torch
 
 from sdns_monitor.bundle import (
+    HeldOutCheck,
     InputSpec,
     Manifest,
     ScoreSpec,
     TrainingRecord,
     calibration_summary,
+    held_out_check,
     write_bundle,
 )
 from sdns_monitor.data import ImageSet, load_dataset, parse_spec
@@ -92,10 +94,12 @@ class TrainedEncoder:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Scores of the held-out calibration images; `combined` with the combined score only."""
+    """Scores of the held-out calibration images; `combined` with the combined score only;
+    `held_out`: the validation images checked against them, per score."""
 
     scores: np.ndarray
     combined: np.ndarray | None
+    held_out: dict[str, HeldOutCheck]
 
 
 def fit(
@@ -267,21 +271,38 @@ def calibrate(
     log: Callable[[str], None],
 ) -> Calibration:
     """Scores of the calibration images with the SDNS score and, when the bundle has it, the
-    combined score; warns when there are too few to flag anything at the alarm rate."""
-    images = prepared.splits.calibration.images
-    features = extract_features(teacher, images, prepared.input, device)
-    scores = index.kernel_scores(features, selection.k, cfg.score_temperature)
-    combined = None
+    combined score; warns when there are too few to flag anything at the alarm rate. The
+    validation images (in neither the bank nor the calibration) are checked against them: how
+    often each alarm rate flags them (the camera test's margin, sequential.py)."""
     low, low_bank = selection.lowlevel, selection.lowlevel_bank
-    if low is not None and low_bank is not None:
-        low_index = ReferenceIndex(low_bank, "Flat", device)
-        low_scores = low_index.kernel_scores(
-            lowlevel_features(images, low.side), low.k, low.temperature
+    low_index = None if low_bank is None else ReferenceIndex(low_bank, "Flat", device)
+
+    def scores_of(images: np.ndarray) -> dict[str, np.ndarray]:
+        features = extract_features(teacher, images, prepared.input, device)
+        out = {"sdns": index.kernel_scores(features, selection.k, cfg.score_temperature)}
+        if low is not None and low_index is not None:
+            low_scores = low_index.kernel_scores(
+                lowlevel_features(images, low.side), low.k, low.temperature
+            )
+            out["combined"] = combined_score(out["sdns"], low_scores, low.stats)
+        return out
+
+    calibration = scores_of(prepared.splits.calibration.images)
+    held_out: dict[str, HeldOutCheck] = {}
+    if len(prepared.splits.validation):
+        validation = scores_of(prepared.splits.validation.images)
+        held_out = {
+            name: held_out_check(validation[name], calibration[name], "validation split")
+            for name in calibration
+        }
+        check = held_out[selection.default]
+        log(
+            f"held-out check: {check.n} validation images flagged at "
+            + ", ".join(f"{float(r):.2%} for {float(a):g}" for a, r in check.flag_rates.items())
         )
-        combined = combined_score(scores, low_scores, low.stats)
-    if (problem := cannot_flag(len(scores), cfg.alarm_rate)) is not None:
+    if (problem := cannot_flag(len(calibration["sdns"]), cfg.alarm_rate)) is not None:
         log(f"warning: {problem}")
-    return Calibration(scores, combined)
+    return Calibration(calibration["sdns"], calibration.get("combined"), held_out)
 
 
 def build_manifest(
@@ -316,7 +337,7 @@ def build_manifest(
             default=selection.default,
         ),
         calibration=calibration_summary(
-            calibration.scores, cfg.alarm_rate, f"{data} (held-out split)"
+            calibration.scores, cfg.alarm_rate, f"{data} (held-out split)", calibration.held_out
         ),
         training=TrainingRecord(
             data=data,

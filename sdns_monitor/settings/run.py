@@ -198,12 +198,14 @@ class RunSettings(BaseModel):
         "(the default is a year of a camera at 2 frames/s); a guaranteed lower bound for "
         "independent healthy frames within `camera_margin` of the calibration.",
     )
-    camera_margin: float = Field(
-        default=1.5,
+    camera_margin: float | None = Field(
+        default=None,
         ge=1,
         description="How much more often than the alarm rate a healthy camera's frames may be "
         "flagged with the false-alarm bound still holding (the reference images and a camera's "
-        "own frames differ a little). Larger is safer and slower to alarm.",
+        "own frames differ a little). Larger is safer and slower to alarm. Not set: per model, "
+        "the larger of 1.5 and the flag rate ratio `fit` measured on held-out reference images "
+        "(logged at start).",
     )
     silent_after_s: float = Field(
         default=300.0,

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from sdns_monitor.records import Alert, CameraAlert, ModelRef, decode_key, to_json
-from sdns_monitor.sequential import evidence, threshold
+from sdns_monitor.sequential import DEFAULT_MARGIN, evidence, threshold
 from sdns_monitor.settings import RunSettings
 from sdns_monitor.stream import state
 from sdns_monitor.stream.batch import Batch, Frame
@@ -30,6 +30,7 @@ class Verdict:
     alarm_rate: float | None
     threshold: float | None
     model: ModelRef
+    margin: float = DEFAULT_MARGIN  # the camera test's, for this model (sequential.py)
 
 
 class Alerting(Protocol):
@@ -59,7 +60,6 @@ class CameraAlerts:
     def __init__(self, settings: RunSettings, outputs: Outputs) -> None:
         self.settings = settings
         self.outputs = outputs
-        self.margin = settings.camera_margin
         self.alarms = CameraAlarms(
             threshold(settings.camera_ert_frames),
             settings.incident_cooldown_s,
@@ -82,7 +82,8 @@ class CameraAlerts:
     def frames(self, batch: Batch, producer: Any, scored: list[tuple[Frame, Verdict]]) -> None:
         if not scored:
             return
-        e = evidence(np.array([v.p_value for _, v in scored]), self.margin)
+        p = np.array([v.p_value for _, v in scored])
+        e = evidence(p, np.array([v.margin for _, v in scored]))
         now_s, now_ms = time.monotonic(), int(time.time() * 1000)
         for (frame, verdict), frame_evidence in zip(scored, e, strict=True):
             event = self.alarms.observe(frame.source, float(frame_evidence), now_s)

@@ -34,6 +34,7 @@ from sdns_monitor.detector import Detector
 from sdns_monitor.errors import ScoringUnavailable, SdnsError
 from sdns_monitor.records import Alert, CameraAlert
 from sdns_monitor.scoring import cannot_flag
+from sdns_monitor.sequential import camera_margin
 from sdns_monitor.settings import RunSettings
 from sdns_monitor.stream import kafka, memory
 from sdns_monitor.stream.batch import Batch, Decoded, DecodeLimits, decode_messages
@@ -112,6 +113,8 @@ class StreamMonitor:
             "model %s (%s, %s): score %s, backend %s on %s",
             *(det.name, det.hash[:12], signed, det.score_mode, det.backend, det.device),
         )
+        if s.alerts == "cameras":
+            _log_margin(det, s.camera_margin)
         return det
 
     @property
@@ -360,3 +363,21 @@ class StreamMonitor:
         for det in new.unique():
             if det.hash not in before:
                 log.info("model reloaded: %s %s", det.name, det.hash[:12])
+
+
+def _log_margin(det: Detector, configured: float | None) -> None:
+    """Which margin the camera test uses for `det`, and a warning when a configured one is
+    below what the bundle's held-out reference images showed."""
+    ratio = det.held_out_ratio
+    margin = camera_margin(configured, ratio)
+    seen = "no held-out check in the bundle" if ratio is None else f"held-out ratio {ratio:.2f}"
+    log.info("model %s: camera margin %.2f (%s)", det.name, margin, seen)
+    if ratio is not None and margin < ratio:
+        log.warning(
+            "model %s: camera_margin %.2f is below the %.2f times the alarm rate its held-out "
+            "reference images were flagged at; healthy cameras may alarm more often than "
+            "camera_ert_frames says: raise camera_margin or leave it unset",
+            det.name,
+            margin,
+            ratio,
+        )

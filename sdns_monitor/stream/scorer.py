@@ -24,6 +24,7 @@ from sdns_monitor.records import (
     ScoreRecord,
     to_json,
 )
+from sdns_monitor.sequential import camera_margin
 from sdns_monitor.settings import RunSettings
 from sdns_monitor.stream.alerting import Verdict, make_alerting
 from sdns_monitor.stream.batch import Batch, Decoded, Frame
@@ -170,6 +171,7 @@ class Scorer:
                     continue
             result = detector.result(scores, alarm_rate=s.alarm_rate, threshold=s.threshold)
             model = ModelRef(hash=detector.hash, name=detector.name)
+            margin = camera_margin(s.camera_margin, detector.held_out_ratio)
             for i, frame in enumerate(mine):
                 verdicts[id(frame)] = Verdict(
                     float(result.scores[i]),
@@ -178,6 +180,7 @@ class Scorer:
                     result.alarm_rate,
                     result.threshold,
                     model,
+                    margin,
                 )
         scored = [(f, verdicts[id(f)]) for f in frames if id(f) in verdicts]  # offset order
         for frame, v in scored:

@@ -24,6 +24,8 @@ from sdns_monitor.bundle import (
     InputSpec,
     Manifest,
     ScoreSpec,
+    cross_check,
+    held_out_check,
     load_bundle,
     sha256_file,
     write_bundle,
@@ -315,3 +317,22 @@ def test_bundle_directory_permissions_follow_the_umask(tmp_path: Path) -> None:
         os.umask(old)
     assert (path / FEATURES).stat().st_mode & 0o777 == 0o644
     assert path.stat().st_mode & 0o777 == 0o755
+
+
+def test_held_out_images_of_the_calibrations_distribution_are_flagged_at_the_alarm_rate() -> None:
+    rng = np.random.default_rng(0)
+    check = held_out_check(rng.normal(size=20_000), rng.normal(size=5_000), "validation split")
+    assert check.n == 20_000 and check.ratio is not None
+    for rate, flagged in check.flag_rates.items():  # binomial and calibration error: 5 sd
+        sd = (float(rate) * (1 - float(rate)) * (1 / 20_000 + 1 / 5_000)) ** 0.5
+        assert abs(flagged - float(rate)) < 5 * sd
+    shifted = held_out_check(rng.normal(0.5, size=2_000), rng.normal(size=5_000), "shifted")
+    assert shifted.ratio is not None and shifted.ratio > 2.0  # images unlike the calibration's
+    few = held_out_check(rng.normal(size=50), rng.normal(size=5_000), "tiny")
+    assert few.ratio is None  # 50 images cannot show a flag rate at 0.2 against 20 expected
+
+
+def test_a_recalibration_check_crosses_halves_of_its_one_set() -> None:
+    check = cross_check(np.random.default_rng(1).normal(size=4_000), "camera frames")
+    assert check.n == 4_000 and check.data == "camera frames (halves crossed)"
+    assert check.ratio is not None and 0.7 < check.ratio < 1.5

@@ -196,6 +196,8 @@ def test_calibrate_writes_a_new_bundle_with_the_same_encoder(
     assert new.manifest.calibration.n == 40
     assert new.manifest.calibration.default_alarm_rate == pytest.approx(0.2)
     assert new.manifest.calibration.data == spec
+    check = new.manifest.calibration.held_out["sdns"]  # its halves crossed: 40 images
+    assert check.n == 40 and check.data == f"{spec} (halves crossed)"
     assert load_bundle(tiny_bundle).hash == old.hash  # the old bundle is left alone
 
     again = runner.invoke(app, args)

@@ -62,6 +62,9 @@ def test_fit_on_non_square_colour_images_writes_a_loadable_bundle(tmp_path: Path
     better = "combined" if v["auroc_combined"] > v["auroc_sdns"] else "sdns"
     assert manifest.score.default == v["default"] == report.score_default == better
     assert manifest.score.index_quality == {}  # exact search: nothing to measure
+    held_out = manifest.calibration.held_out  # validation images against each calibration
+    assert set(held_out) == {"sdns", "combined"}
+    assert held_out["sdns"].n == manifest.training.n_validation > 0
     scores = Detector.load(report.bundle, device="cpu").score(
         rng.integers(0, 256, (5, 20, 30, 3), dtype=np.uint8)
     )

@@ -152,10 +152,11 @@ class Detector:
     hash = "f" * 64
     manifest = SimpleNamespace(input=SimpleNamespace(size=4))  # the model's input side
 
-    def __init__(self, fail_on: float | None = None) -> None:
+    def __init__(self, fail_on: float | None = None, held_out_ratio: float | None = None) -> None:
         self.calibration = np.linspace(0.0, 0.99, 100)
         self.alarm_rate = 0.05
         self.fail_on = fail_on  # scoring a frame of this score raises (a model bug)
+        self.held_out_ratio = held_out_ratio  # the bundle's held-out check (camera margin)
 
     def prepare(self, images: np.ndarray) -> np.ndarray:
         frames = images[None] if images.ndim == 3 else images

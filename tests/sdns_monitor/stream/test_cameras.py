@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from sdns_monitor.records import Source
 from sdns_monitor.scoring import p_values
-from sdns_monitor.sequential import evidence, threshold
+from sdns_monitor.sequential import camera_margin, evidence, threshold
 from sdns_monitor.stream.cameras import CameraAlarms, alarm_id
 
 ERT = 63_115_200.0  # the default: a year of a camera at 2 frames/s
@@ -35,6 +36,15 @@ def _evidence(n: int, shift: float, seed: int) -> np.ndarray:
     calibration's (0: healthy, exchangeable with it; 2.33: frame AUROC 0.95)."""
     scores = np.random.default_rng(seed).normal(loc=shift, size=n)
     return evidence(p_values(scores, CALIBRATION))
+
+
+def test_evidence_takes_one_margin_per_p_value_and_a_margin_from_the_bundle() -> None:
+    p = np.array([0.001, 0.3, 0.9])
+    mixed = evidence(p, np.array([1.5, 3.0, 1.5]))
+    assert mixed[[0, 2]] == pytest.approx(evidence(p[[0, 2]], 1.5))
+    assert mixed[1] == pytest.approx(evidence(p[[1]], 3.0)[0]) and mixed[1] < evidence(p, 1.5)[1]
+    assert camera_margin(None, None) == 1.5 and camera_margin(None, 1.2) == 1.5
+    assert camera_margin(None, 2.5) == 2.5 and camera_margin(1.1, 2.5) == 1.1
 
 
 def test_healthy_cameras_raise_no_alarm_in_ten_thousand_frames_each() -> None:

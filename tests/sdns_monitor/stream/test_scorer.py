@@ -229,3 +229,21 @@ def test_with_camera_alarms_a_camera_alerts_once_when_its_frames_change() -> Non
     assert body["alarm"]["first_frame"]["offset"] == 20 and body["alarm"]["alerts"] == 1
     assert 20 < body["source"]["offset"] < 40 and scorer.alerting.open_count == 1
     assert broken.flagged["frames"] == 40  # every flagged frame still counted
+
+
+def _alarm_offset(detector: Detector, **overrides: object) -> int:
+    """The offset of the frame that opens a camera's alarm, frames flagged from offset 0."""
+    scorer = Scorer(settings(**overrides), lambda batch: None)
+    producer = Producer()
+    frames = [Message("frames", 0, i, png(255), key=b"cam-1") for i in range(200)]
+    scorer.score_batch(batch(frames, detector=detector), producer)
+    (alert,) = producer.to("sdns-alerts")
+    return int(json.loads(alert.value)["source"]["offset"])
+
+
+def test_the_camera_margin_comes_from_the_bundles_held_out_check_unless_configured() -> None:
+    default = _alarm_offset(Detector())  # no check in the bundle: margin 1.5
+    assert _alarm_offset(Detector(held_out_ratio=1.2)) == default  # below 1.5: 1.5 still
+    wider = _alarm_offset(Detector(held_out_ratio=4.0))
+    assert wider > default  # a wider margin needs more evidence
+    assert _alarm_offset(Detector(held_out_ratio=4.0), camera_margin=1.5) == default
