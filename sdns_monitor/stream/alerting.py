@@ -41,6 +41,9 @@ class Alerting(Protocol):
 
     def restore(self, snapshot: Any) -> None: ...
 
+    def settled(self, snapshot: Any) -> None:
+        """The batch of `snapshot` and those before it were delivered (the loop's thread)."""
+
     def frames(self, batch: Batch, producer: Any, scored: list[tuple[Frame, Verdict]]) -> None:
         """Send the alerts the frames of a batch (in offset order) cause."""
 
@@ -79,6 +82,9 @@ class CameraAlerts:
     def restore(self, snapshot: Any) -> None:
         self.alarms.restore(snapshot)
 
+    def settled(self, snapshot: Any) -> None:
+        self.alarms.settled(snapshot)
+
     def frames(self, batch: Batch, producer: Any, scored: list[tuple[Frame, Verdict]]) -> None:
         if not scored:
             return
@@ -114,9 +120,10 @@ class CameraAlerts:
         """The state of the cameras this batch changed (frames, silences, expiry), to the state
         topic (state.py); an expired camera's is a tombstone."""
         topic = self.settings.state_topic
-        changed = self.alarms.take_dirty()
         if topic is None:
+            self.alarms.take_dirty(export=False)
             return
+        changed = self.alarms.take_dirty()
         for (input_topic, key), partition, camera in changed:
             self.outputs.send(
                 batch,
@@ -168,6 +175,9 @@ class FrameIncidents:
 
     def restore(self, snapshot: Any) -> None:
         self.incidents.restore(snapshot)
+
+    def settled(self, snapshot: Any) -> None:
+        """Frame incidents snapshot by copying: nothing is kept to let go of."""
 
     def frames(self, batch: Batch, producer: Any, scored: list[tuple[Frame, Verdict]]) -> None:
         now_ms = int(time.time() * 1000)

@@ -302,6 +302,7 @@ class StreamMonitor:
             return False
         for batch in done:
             self.status.delivered(batch)
+            self.scorer.settled(batch)
         if done:
             self.status.outputs_recovered()
         if (done or self.inflight.commit_due()) and self.inflight.pending():

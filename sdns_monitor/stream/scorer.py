@@ -112,6 +112,11 @@ class Scorer:
             if failed.snapshot is not None:
                 self.alerting.restore(failed.snapshot)
 
+    def settled(self, batch: Batch) -> None:
+        """`batch` was delivered and committed in order: its undo log can go."""
+        if batch.snapshot is not None:
+            self.alerting.settled(batch.snapshot)
+
     # ------------------------------------------------------------------ one batch
     def process(self, batch: Batch, producer: Any) -> None:
         """Score one decoded batch synchronously and deliver every record it causes

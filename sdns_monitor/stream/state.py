@@ -67,8 +67,8 @@ def restore(settings: RunSettings, partitions: set[tuple[str, int]]) -> list[dic
             return []
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
-        ends = consumer.end_offsets(tps)
-        while any(consumer.position(tp) < ends[tp] for tp in tps):
+        listed = consumer.end_offsets(tps)
+        while any(consumer.position(tp) < _end(consumer, tp, listed) for tp in tps):
             if time.monotonic() - started > RESTORE_S:
                 log.error("camera state restore stopped after %.0f s (%d records)", RESTORE_S, read)
                 break
@@ -91,3 +91,11 @@ def restore(settings: RunSettings, partitions: set[tuple[str, int]]) -> list[dic
         time.monotonic() - started,
     )
     return out
+
+
+def _end(consumer: KafkaConsumer, tp: TopicPartition, listed: dict[TopicPartition, int]) -> int:
+    """Where `tp` ends: the larger of ListOffsets' answer and the high watermark of the fetches
+    so far. Tansu lists the first offset of a partition's last batch plus one, short of the end
+    when that batch holds several records; stopping there, at a poll boundary inside the batch,
+    would lose the cameras after it."""
+    return max(listed[tp], consumer.highwater(tp) or 0)

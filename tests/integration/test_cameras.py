@@ -11,7 +11,7 @@ import pytest
 from kafka import KafkaProducer
 
 from sdns_monitor.broker import Broker
-from sdns_monitor.stream import StreamMonitor
+from sdns_monitor.stream import StreamMonitor, state
 from sdns_monitor.stream.cameras import alarm_id
 from tests.integration.kafka_helpers import noise, png, read_all, run_settings, topics, wait_for
 
@@ -178,3 +178,31 @@ def test_a_rebalance_mid_alarm_hands_the_alarm_to_the_new_owner_under_the_same_i
     )  # one each
     cleared = {r["key"]: r["alarm_id"] for r in records if r["kind"] == "camera-cleared"}
     assert cleared == opened  # each cleared under the id it opened with, whoever owned it then
+
+
+@pytest.mark.integration
+def test_a_restore_reads_every_state_even_when_the_broker_lists_a_short_end_offset(
+    kafka_broker: Broker, tiny_bundle: Path
+) -> None:
+    """Tansu answers ListOffsets with the first offset of a partition's last batch plus one:
+    a restore that stops there, at a poll boundary inside that batch, loses cameras."""
+    names = topics(kafka_broker, "frames", "state", partitions=2)
+    producer = KafkaProducer(
+        bootstrap_servers=kafka_broker.bootstrap_servers, linger_ms=50, batch_size=1 << 20
+    )
+    for i in range(3000):
+        key = f"cam-{i}"
+        value = {"topic": names["frames"], "key": key, "partition": i % 2, "offset": 7}
+        producer.send(
+            names["state"],
+            key=state.state_key(names["frames"], key),
+            value=state.encode(value),
+            partition=i % 2,
+        )
+    producer.flush()
+    producer.close()
+    settings = run_settings(kafka_broker, tiny_bundle, names, state_topic=names["state"])
+    restored = state.restore(settings, {(names["frames"], 0), (names["frames"], 1)})
+    assert len(restored) == 3000 and {s["key"] for s in restored} == {
+        f"cam-{i}" for i in range(3000)
+    }

@@ -205,3 +205,16 @@ def test_cameras_of_revoked_partitions_are_forgotten() -> None:
     )
     alarms.observe(other, 0.0)
     assert alarms.drop_partitions({("frames", 0)}) == 1 and len(alarms) == 1
+
+
+def test_delivered_batches_let_go_of_their_undo_logs_and_later_ones_still_undo() -> None:
+    alarms = _alarms()
+    first = alarms.snapshot()
+    alarms.observe(_source("cam", 0), 0.0, now_s=0.0)
+    second = alarms.snapshot()
+    alarms.observe(_source("cam", 1), 5.0, now_s=1.0)
+    alarms.settled(first)  # delivered; the second is still in flight
+    third = alarms.snapshot()
+    assert [seq for seq, _ in alarms._logs] == [second, third]
+    alarms.restore(second)  # the second failed: back to after the first
+    assert alarms.export(("frames", "cam"))["offset"] == 0  # type: ignore[index]
