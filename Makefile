@@ -13,7 +13,7 @@ LINT_PATHS := $(wildcard sdns_monitor trainer tests benchmarks examples)
 THREADS ?= $(shell nproc)
 export OMP_NUM_THREADS := $(THREADS)
 
-.PHONY: venv demo test test-slow lint bench soak bench-recipes bench-quality clean
+.PHONY: venv demo test test-slow lint bench soak bench-state bench-recipes bench-quality clean
 
 venv: $(STAMP)
 
@@ -57,6 +57,11 @@ soak: $(STAMP)
 	$(PY) benchmarks/soak.py $(if $(MINUTES),--minutes $(MINUTES)) --out benchmarks/results/soak.json
 
 # The quick and default recipes side by side (about 70 minutes on 2 cores).
+# Camera state at scale: per-frame cost with 10 to 100,000 cameras, restore time, run frames/s
+# with and without the state topic. Writes benchmarks/results/camera_state.json.
+bench-state: $(STAMP)
+	$(PY) benchmarks/camera_state.py --out benchmarks/results/camera_state.json
+
 bench-recipes: $(STAMP)
 	$(PY) benchmarks/recipes.py --recipes quick default --out benchmarks/results/recipes.json
 

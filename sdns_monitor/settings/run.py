@@ -231,6 +231,15 @@ class RunSettings(BaseModel):
         "many partitions as the input: restarts and rebalances then continue an open alarm "
         "under the same id and count no frame twice. Unset: state lives in memory only.",
     )
+    state_flush_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="How often the cameras changed since the last write go to `state_topic` "
+        "(one record per camera, however many of its frames came meanwhile). Offsets are "
+        "committed only up to the last batch whose state was written, so a restart never "
+        "skips evidence; larger: fewer state records, more frames scored again after a crash. "
+        "0: after every batch.",
+    )
     camera_expiry_s: float = Field(
         default=7 * 86_400.0,
         gt=0,

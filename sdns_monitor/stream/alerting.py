@@ -123,6 +123,8 @@ class CameraAlerts:
         if topic is None:
             self.alarms.take_dirty(export=False)
             return
+        if not batch.writes_state:
+            return  # kept dirty for the next batch that writes
         changed = self.alarms.take_dirty()
         for (input_topic, key), partition, camera in changed:
             self.outputs.send(

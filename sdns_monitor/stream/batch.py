@@ -89,6 +89,9 @@ class Batch:
     incidents_closed: int = 0  # frame incidents closed, camera alarms cleared
     silences: int = 0  # camera-silent records
     moves: list[tuple[str, set[Any]]] | None = None  # a rebalance to follow, not frames
+    # Whether the scorer writes the changed cameras' state with this batch (state.py); the
+    # offsets of a batch that does not wait in InFlight for a later one that does.
+    writes_state: bool = True
     closed_ids: list[str] = field(default_factory=list)
 
     @property

@@ -23,7 +23,7 @@ import copy
 import hashlib
 import time
 from collections import Counter as Tally
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sdns_monitor.records import AlarmRef, CameraCleared, CameraSilent, Source
@@ -49,6 +49,16 @@ class _Alarm:
 
 
 Ident = tuple[str, str | None]  # (input topic, key): a camera
+
+
+@dataclass
+class _Log:
+    """What one batch changed, to undo it: each touched camera as it was before (None: new),
+    and the cameras whose state it wrote to the state topic."""
+
+    seq: int
+    before: dict[Ident, _Camera | None] = field(default_factory=dict)
+    written: set[Ident] = field(default_factory=set)
 
 
 @dataclass
@@ -103,9 +113,7 @@ class CameraAlarms:
         self.event_time = event_time
         self._active: collections.OrderedDict[Ident, _Camera] = collections.OrderedDict()
         self._silent: collections.OrderedDict[Ident, _Camera] = collections.OrderedDict()
-        self._logs: collections.deque[tuple[int, dict[Ident, _Camera | None]]] = collections.deque(
-            maxlen=UNDO_DEPTH
-        )
+        self._logs: collections.deque[_Log] = collections.deque(maxlen=UNDO_DEPTH)
         self._seq = 0
         self._settled = 0  # batches up to this one were delivered: their logs are not needed
         self._alarmed: set[Ident] = set()  # cameras whose alarm is open
@@ -124,10 +132,10 @@ class CameraAlarms:
     # ------------------------------------------------------------------ undo per batch
     def snapshot(self) -> int:
         """Start a batch: its changes can be undone with `restore` of what this returns."""
-        while self._logs and self._logs[0][0] <= self._settled:
+        while self._logs and self._logs[0].seq <= self._settled:
             self._logs.popleft()
         self._seq += 1
-        self._logs.append((self._seq, {}))
+        self._logs.append(_Log(self._seq))
         return self._seq
 
     def settled(self, seq: int) -> None:
@@ -137,9 +145,12 @@ class CameraAlarms:
 
     def restore(self, seq: int) -> None:
         """Undo every batch since (and including) the one `snapshot` numbered `seq`."""
-        while self._logs and self._logs[-1][0] >= seq:
-            _, log = self._logs.pop()
-            for key, before in log.items():
+        while self._logs and self._logs[-1].seq >= seq:
+            log = self._logs.pop()
+            # Their state is to be written again: what the undone batch wrote (it may have
+            # reached the topic, or not), and the cameras it wrote for batches before it.
+            self.dirty.update(log.before, log.written)
+            for key, before in log.before.items():
                 self._active.pop(key, None)
                 self._silent.pop(key, None)
                 self._alarmed.discard(key)
@@ -152,7 +163,7 @@ class CameraAlarms:
         """The camera `key` for changing (logged for undo), None if there is none."""
         camera = self._active.get(key) or self._silent.get(key)
         if self._logs:
-            log = self._logs[-1][1]
+            log = self._logs[-1].before
             if key not in log:
                 log[key] = None if camera is None else camera.copy()
         self.dirty.add(key)
@@ -292,6 +303,8 @@ class CameraAlarms:
                 out.append((key, state["partition"], state))
             elif key in self._expired:  # not brought back by an undo since
                 out.append((key, self._expired[key], None))
+        if self._logs:
+            self._logs[-1].written.update(self.dirty)
         self.dirty.clear()
         self._expired.clear()
         return out

@@ -79,8 +79,12 @@ class StreamMonitor:
         self.models = Models.load(settings.model, settings.routes, self._load, reuse, changed)
         self.limits = DecodeLimits.of(settings)
         self.inflight = InFlight(
-            settings.queue_batches, settings.max_inflight_bytes, settings.max_inflight_frames
+            settings.queue_batches,
+            settings.max_inflight_bytes,
+            settings.max_inflight_frames,
+            state_barrier=settings.state_topic is not None,
         )
+        self._state_written = 0.0  # monotonic time of the last batch that writes state
         self.status = Status(self.inflight.joined, on_alert)
         self.status.metrics.set_models([(d.name, d.hash) for d in self.models.unique()])
         self.scorer = Scorer(settings, self.status.delivered, self.status.outputs_ok)
@@ -268,6 +272,8 @@ class StreamMonitor:
                 last_data = time.monotonic()
                 backoff = BACKOFF_S[0] if self.status.outputs_ok() else backoff
                 self._submit(messages, decoders)
+            elif self._state_due(idle=True):
+                self._submit_job(writes_state=True)  # idle: write the state, commit the rest
             elif not self.inflight.joined.is_set() or len(self.inflight):
                 last_data = time.monotonic()  # idle time counts once in the group, empty
             elif idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s:
@@ -279,19 +285,40 @@ class StreamMonitor:
         if not messages:
             return
         batch = Batch(messages, self.models, self.scorer.generation)
+        batch.writes_state = self._state_due()
         batch.decoded = decoders.submit(decode_messages, messages, self.models, self.limits)
         self.inflight.add(batch)
         self.scorer.submit(batch)
+
+    def _state_due(self, idle: bool = False) -> bool:
+        """Whether the next batch writes the camera state (every `state_flush_s`); `idle`: an
+        empty one, for batches staged on a stream that went quiet."""
+        if self.inflight.state_barrier is False:
+            return not idle
+        if idle and (len(self.inflight) or not self.inflight.staged()):
+            return False
+        now = time.monotonic()
+        if now - self._state_written < self.settings.state_flush_s:
+            return False
+        self._state_written = now
+        return True
+
+    def _submit_job(
+        self, moves: list[tuple[str, set[Any]]] | None = None, writes_state: bool = False
+    ) -> None:
+        """A batch without messages, in order with the others: a rebalance to follow, or the
+        camera state to write."""
+        job = Batch.decoded_already([], self.models, self.scorer.generation, Decoded())
+        job.moves, job.writes_state = moves, writes_state
+        self.inflight.add(job)
+        self.scorer.submit(job)
 
     def _follow_rebalances(self) -> None:
         """Hand partitions assigned or revoked since the last call to the scorer, in order
         with the batches: camera state follows its partitions (state.py)."""
         moves = self.inflight.take_moves()
         if moves:
-            job = Batch.decoded_already([], self.models, self.scorer.generation, Decoded())
-            job.moves = moves
-            self.inflight.add(job)
-            self.scorer.submit(job)
+            self._submit_job(moves=moves)
 
     def _settle(self, consumer: Any) -> bool:
         """Count and commit the delivered batches at the head of the pipeline, in order.
@@ -331,6 +358,8 @@ class StreamMonitor:
     def _drain(self, consumer: Any, timeout: float = 60.0) -> None:
         """On stop: let the batches in flight finish, then commit them."""
         deadline = time.monotonic() + timeout
+        if self.inflight.staged() or (len(self.inflight) and self.inflight.state_barrier):
+            self._submit_job(writes_state=True)  # so that what was scored can be committed
         if self._producer is not None:
             self._producer.current.flush(timeout=max(deadline - time.monotonic(), 0))
         while len(self.inflight) and time.monotonic() < deadline:

@@ -1,7 +1,9 @@
 """The batches between consumer and commit, and the offsets `run` may commit.
 
 At-least-once: a batch's offsets are committed only after every record it caused was
-acknowledged, and never past an earlier batch that is still in flight (in-order settle). When
+acknowledged, and never past an earlier batch that is still in flight (in-order settle). With
+a state topic, also never past the camera state written last: a batch that did not write it
+(`Batch.writes_state`, once per `state_flush_s`) is staged until a later one that did settles. When
 the head batch fails, every batch in flight is abandoned and the consumer seeks back to their
 first offsets, so they are consumed and scored again; nothing after them was committed.
 
@@ -39,13 +41,20 @@ class InFlight:
     """Consumed batches, oldest first, until they are committed."""
 
     def __init__(
-        self, limit: int, max_bytes: int | None = None, max_frames: int | None = None
+        self,
+        limit: int,
+        max_bytes: int | None = None,
+        max_frames: int | None = None,
+        state_barrier: bool = False,
     ) -> None:
         # Beyond this many batches, message bytes or decoded frames the consumer pauses.
         self.limit, self.max_bytes, self.max_frames = limit, max_bytes, max_frames
         self._batches: collections.deque[Batch] = collections.deque()
         self._lock = threading.Lock()
         self._uncommitted: dict[TopicPartition, int] = {}  # next offset, delivered not committed
+        # Delivered, but the camera state they changed is not written yet (state_barrier).
+        self._staged: dict[TopicPartition, int] = {}
+        self.state_barrier = state_barrier
         self._retry_commit_at: float | None = None  # after a failed commit
         self.joined = threading.Event()  # set once the consumer was assigned partitions
         self._moves: list[tuple[str, set[Any]]] = []  # ("assigned" | "revoked", partitions)
@@ -93,9 +102,18 @@ class InFlight:
             with self._lock:
                 for m in head.messages:
                     tp = TopicPartition(m.topic, m.partition)
-                    self._uncommitted[tp] = max(self._uncommitted.get(tp, 0), m.offset + 1)
+                    self._staged[tp] = max(self._staged.get(tp, 0), m.offset + 1)
+                if head.writes_state or not self.state_barrier:
+                    for tp, offset in self._staged.items():
+                        self._uncommitted[tp] = max(self._uncommitted.get(tp, 0), offset)
+                    self._staged.clear()
             done.append(head)
         return done
+
+    def staged(self) -> bool:
+        """Delivered batches wait for a batch that writes the camera state."""
+        with self._lock:
+            return bool(self._staged)
 
     def commit(self, consumer: Any) -> None:
         """Commit the settled offsets of the partitions still assigned. A failed commit is
@@ -168,6 +186,7 @@ class InFlight:
             pending = {tp: o for tp, o in self._uncommitted.items() if tp in partitions}
             for tp in partitions:
                 self._uncommitted.pop(tp, None)
+                self._staged.pop(tp, None)  # their state unwritten: the new owner redoes them
         if pending:
             offsets = {tp: OffsetAndMetadata(o, "", -1) for tp, o in pending.items()}
             consumer.commit_async(offsets, callback=_log_commit_failure)
@@ -177,6 +196,7 @@ class InFlight:
         with self._lock:
             for tp in partitions:
                 self._uncommitted.pop(tp, None)
+                self._staged.pop(tp, None)
             self._moves.append(("revoked", set(partitions)))
 
     def moved(self, kind: str, partitions: set[Any]) -> None:

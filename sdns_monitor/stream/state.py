@@ -1,10 +1,12 @@
 """Camera state that survives restarts and rebalances: a compacted changelog topic
 (`--state-topic`), co-partitioned with the input, as Kafka Streams' state stores are.
 
-- After each batch, the state of every camera the batch changed is written to the state topic,
-  keyed `TOPIC/KEY` (the input topic and the camera's key as text), to the partition number its
-  frames came from. The records are part of the batch: its offsets are committed only once they
-  are acknowledged, so the state topic never lags what was committed.
+- Every `state_flush_s`, a batch (`Batch.writes_state`, chosen by the loop) writes the state of
+  every camera changed since the last write, keyed `TOPIC/KEY` (the input topic and the
+  camera's key as text), to the partition number its frames came from. The records are part of
+  that batch, and offsets are committed only up to a batch that wrote them, once they are
+  acknowledged (offsets.InFlight stages the others), so the state topic never lags what was
+  committed.
 - When partitions are assigned (start, restart, rebalance), the scorer reads the same
   partitions of the state topic from the beginning to their end and installs the latest state
   of each camera of those input partitions before it scores their frames; on revocation it
@@ -54,10 +56,11 @@ def restore(settings: RunSettings, partitions: set[tuple[str, int]]) -> list[dic
         group_id=None,
         enable_auto_commit=False,
         client_id="sdns-monitor-restore",
+        max_poll_records=10_000,
         **settings.security.client_options(),
     )
     started = time.monotonic()
-    latest: dict[bytes, dict[str, Any] | None] = {}
+    latest: dict[bytes, bytes | None] = {}  # decoded at the end: only the last of each key
     read = 0
     try:
         tps = [TopicPartition(settings.state_topic, p) for p in numbers]
@@ -75,13 +78,12 @@ def restore(settings: RunSettings, partitions: set[tuple[str, int]]) -> list[dic
             for batch in consumer.poll(timeout_ms=500).values():
                 for m in batch:
                     read += 1
-                    latest[m.key] = None if m.value is None else json.loads(m.value)
+                    latest[m.key] = m.value
     finally:
         consumer.close()
+    states = (json.loads(value) for value in latest.values() if value is not None)
     out = [
-        s
-        for s in latest.values()
-        if s is not None and s.get("topic") in topics and (s["topic"], s["partition"]) in partitions
+        s for s in states if s.get("topic") in topics and (s["topic"], s["partition"]) in partitions
     ]
     log.info(
         "restored %d cameras from %d state records of %s in %.1f s",

@@ -31,24 +31,6 @@ def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture(scope="module")
-def fmnist_subset(tmp_path_factory: pytest.TempPathFactory) -> str:
-    data = load_dataset("fashion-mnist:train")
-    pick = np.random.default_rng(0).choice(len(data), 12000, replace=False)
-    path = tmp_path_factory.mktemp("data") / "fmnist-12k.npz"
-    np.savez(path, images=data.images[pick], labels=data.labels[pick])
-    return f"npz:{path}"
-
-
-@pytest.fixture(scope="module")
-def quick_bundle(fmnist_subset: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("models") / "fmnist.sdns"
-    proc = run("fit", "--data", fmnist_subset, "--out", str(out), "--recipe", "quick", "--quiet")
-    assert proc.returncode == 0, proc.stderr
-    assert f"wrote {out}" in proc.stdout
-    return out
-
-
 @pytest.mark.integration
 def test_quick_fit_detects_animal_silhouettes(quick_bundle: Path) -> None:
     proc = run(

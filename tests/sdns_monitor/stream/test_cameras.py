@@ -215,6 +215,18 @@ def test_delivered_batches_let_go_of_their_undo_logs_and_later_ones_still_undo()
     alarms.observe(_source("cam", 1), 5.0, now_s=1.0)
     alarms.settled(first)  # delivered; the second is still in flight
     third = alarms.snapshot()
-    assert [seq for seq, _ in alarms._logs] == [second, third]
+    assert [log.seq for log in alarms._logs] == [second, third]
     alarms.restore(second)  # the second failed: back to after the first
     assert alarms.export(("frames", "cam"))["offset"] == 0  # type: ignore[index]
+
+
+def test_an_undone_batch_marks_the_cameras_it_wrote_for_writing_again() -> None:
+    alarms = _alarms()
+    alarms.snapshot()
+    alarms.observe(_source("a", 0), 0.0, now_s=0.0)  # changed, its state not written yet
+    failed = alarms.snapshot()
+    alarms.observe(_source("b", 0), 0.0, now_s=0.0)
+    assert {key for key, _, _ in alarms.take_dirty()} == {("frames", "a"), ("frames", "b")}
+    alarms.restore(failed)  # the batch that wrote them failed: its records may not be there
+    (again,) = alarms.take_dirty()  # "b" came with the undone batch: it comes back with its retry
+    assert again[0] == ("frames", "a") and again[2] is not None

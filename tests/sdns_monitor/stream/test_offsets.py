@@ -173,3 +173,46 @@ def test_the_pipeline_is_full_by_bytes_or_by_frames_too() -> None:
     decoded = fake_batch([Message("frames", 0, i, png(1)) for i in range(3)])
     by_frames.add(decoded)
     assert decoded.nframes == 3 and by_frames.full()
+
+
+def test_with_a_state_topic_offsets_wait_for_a_batch_that_writes_the_camera_state() -> None:
+    consumer = Consumer(("frames", 0), ("frames", 1))
+    inflight = InFlight(limit=4, state_barrier=True)
+    (a, fa), (b, fb), (c, fc) = _batch((0, 0)), _batch((1, 0)), _batch((0, 1))
+    a.writes_state = b.writes_state = False  # their cameras' state is not written yet
+    for batch, future in ((a, fa), (b, fb)):
+        inflight.add(batch)
+        future.succeed()
+    assert inflight.settle() == [a, b]
+    assert inflight.staged() and not inflight.pending()  # delivered, but not committable
+    inflight.add(c)  # writes the state of every camera changed since the last write
+    fc.succeed()
+    assert inflight.settle() == [c] and not inflight.staged()
+    inflight.commit(consumer)
+    assert consumer.commits == [{T0: 2, T1: 1}]
+
+
+def test_staged_offsets_of_revoked_partitions_are_left_to_the_new_owner() -> None:
+    consumer = Consumer(("frames", 0), ("frames", 1))
+    inflight = InFlight(limit=4, state_barrier=True)
+    (a, fa), (b, fb) = _batch((0, 0), (1, 0)), _batch((1, 1))
+    a.writes_state = False
+    inflight.add(a)
+    fa.succeed()
+    inflight.settle()
+    inflight.revoked(consumer, {T0})  # its frames' state was never written: not committed
+    inflight.add(b)
+    fb.succeed()
+    inflight.settle()
+    inflight.commit(consumer)
+    assert consumer.commits == [{T1: 2}]
+
+
+def test_without_a_state_topic_every_delivered_batch_is_committable() -> None:
+    inflight = InFlight(limit=4)
+    a, fa = _batch((0, 0))
+    a.writes_state = False
+    inflight.add(a)
+    fa.succeed()
+    inflight.settle()
+    assert inflight.pending() and not inflight.staged()

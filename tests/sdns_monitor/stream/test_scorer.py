@@ -247,3 +247,18 @@ def test_the_camera_margin_comes_from_the_bundles_held_out_check_unless_configur
     wider = _alarm_offset(Detector(held_out_ratio=4.0))
     assert wider > default  # a wider margin needs more evidence
     assert _alarm_offset(Detector(held_out_ratio=4.0), camera_margin=1.5) == default
+
+
+def test_camera_state_is_written_once_per_camera_by_the_batch_that_writes_it() -> None:
+    scorer = Scorer(settings(state_topic="state"), lambda batch: None)
+    producer = Producer()
+    for start in (0, 10):
+        quiet = batch([Message("frames", 0, start + i, png(DARK), key=b"cam-1") for i in range(10)])
+        quiet.writes_state = False
+        scorer.score_batch(quiet, producer)
+    assert producer.to("state") == []
+    writer = batch([Message("frames", 0, 20, png(DARK), key=b"cam-2")])
+    scorer.score_batch(writer, producer)  # writes_state, the default
+    written = {m.key: json.loads(m.value) for m in producer.to("state")}
+    assert set(written) == {b"frames/cam-1", b"frames/cam-2"}  # one record each, the latest
+    assert written[b"frames/cam-1"]["offset"] == 19
