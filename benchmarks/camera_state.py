@@ -181,7 +181,7 @@ def restore_time(
         state_topic=names["state"],
     )
     t0 = time.perf_counter()
-    restored = state.restore(settings, {("frames", p) for p in range(partitions)})
+    restored, _ = state.restore(settings, {("frames", p) for p in range(partitions)})
     seconds = time.perf_counter() - t0
     records = cameras * records_each
     assert len(restored) == cameras, f"restored {len(restored)} of {cameras} cameras"

@@ -71,6 +71,7 @@ class CameraAlerts:
             settings.max_clock_skew_s,
             settings.event_time,
         )
+        self.unwritable: set[int] = set()  # input partitions the state topic lacks
 
     @property
     def open_count(self) -> int:
@@ -127,6 +128,8 @@ class CameraAlerts:
             return  # kept dirty for the next batch that writes
         changed = self.alarms.take_dirty()
         for (input_topic, key), partition, camera in changed:
+            if partition in self.unwritable:
+                continue  # the state topic has no such partition (logged at the restore)
             self.outputs.send(
                 batch,
                 producer,
@@ -144,8 +147,10 @@ class CameraAlerts:
             if kind == "revoked":
                 self.alarms.drop_partitions(tps)
             elif self.settings.state_topic is not None:
-                for camera in state.restore(self.settings, tps):
+                cameras, missing = state.restore(self.settings, tps)
+                for camera in cameras:
                     self.alarms.install(camera)
+                self.unwritable |= missing
 
     def tick(self, batch: Batch, producer: Any) -> None:
         for silent in self.alarms.silences():

@@ -14,7 +14,7 @@ from typing import Any
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 
-from sdns_monitor.errors import BrokerUnreachable
+from sdns_monitor.errors import BrokerUnreachable, ConfigError
 from sdns_monitor.settings import RunSettings
 from sdns_monitor.stream.offsets import COMMIT_TIMEOUT_MS
 
@@ -79,6 +79,11 @@ def connect(s: RunSettings, listener: Any) -> tuple[KafkaConsumer, KafkaProducer
             "check --bootstrap-servers, the network and the security settings"
         ) from None
     try:
+        check_state_topic(consumer, s)
+    except ConfigError:
+        consumer.close(timeout_ms=COMMIT_TIMEOUT_MS)
+        raise
+    try:
         return consumer, make_producer(s)
     except KafkaError as exc:
         consumer.close(timeout_ms=COMMIT_TIMEOUT_MS)
@@ -86,6 +91,30 @@ def connect(s: RunSettings, listener: Any) -> tuple[KafkaConsumer, KafkaProducer
             f"the producer could not reach {s.bootstrap_servers} ({type(exc).__name__}); "
             "check --bootstrap-servers and the security settings"
         ) from None
+
+
+def check_state_topic(consumer: KafkaConsumer, s: RunSettings) -> None:
+    """The state topic exists and has a partition for each partition number of the input
+    topics named (state.py: partition N holds the cameras of input partition N); a pattern's
+    topics are checked as they are assigned (state.restore)."""
+    if s.state_topic is None:
+        return
+    have = consumer.partitions_for_topic(s.state_topic)
+    if not have:
+        raise ConfigError(
+            f"the state topic {s.state_topic!r} does not exist: create it compacted "
+            "(cleanup.policy=compact) with as many partitions as the widest input topic "
+            "(docs/operations.md), or leave --state-topic unset"
+        )
+    for topic in s.topic:
+        need = consumer.partitions_for_topic(topic) or set()
+        if need - have:
+            raise ConfigError(
+                f"the state topic {s.state_topic!r} has {len(have)} partitions and the input "
+                f"topic {topic!r} {len(need)}: give the state topic at least {max(need) + 1} "
+                "(kafka-topics.sh --alter --partitions), since partition N keeps the cameras of "
+                "input partition N"
+            )
 
 
 class Producer:

@@ -45,9 +45,12 @@ def encode(state: dict[str, Any]) -> bytes:
     return json.dumps({"v": VERSION, **state}, separators=(",", ":")).encode()
 
 
-def restore(settings: RunSettings, partitions: set[tuple[str, int]]) -> list[dict[str, Any]]:
+def restore(
+    settings: RunSettings, partitions: set[tuple[str, int]]
+) -> tuple[list[dict[str, Any]], set[int]]:
     """The latest state of every camera of the input `partitions` ((topic, partition) pairs),
-    read from the state topic's partitions of the same numbers up to their end offsets."""
+    read from the state topic's partitions of the same numbers up to their end offsets; and
+    the partition numbers the state topic lacks (their cameras' state cannot be kept)."""
     assert settings.state_topic is not None
     numbers = sorted({p for _, p in partitions})
     topics = {t for t, _ in partitions}
@@ -65,9 +68,17 @@ def restore(settings: RunSettings, partitions: set[tuple[str, int]]) -> list[dic
     try:
         tps = [TopicPartition(settings.state_topic, p) for p in numbers]
         known = consumer.partitions_for_topic(settings.state_topic) or set()
+        if missing := sorted(set(numbers) - known):  # a pattern's new topic, or a shrunk one
+            log.error(
+                "the state topic %s has no partition %s: the cameras of those input partitions "
+                "start afresh and their state cannot be written; give it at least %d partitions",
+                settings.state_topic,
+                ", ".join(map(str, missing)),
+                max(numbers) + 1,
+            )
         tps = [tp for tp in tps if tp.partition in known]
         if not tps:
-            return []
+            return [], set(missing)
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         listed = consumer.end_offsets(tps)
@@ -92,7 +103,7 @@ def restore(settings: RunSettings, partitions: set[tuple[str, int]]) -> list[dic
         settings.state_topic,
         time.monotonic() - started,
     )
-    return out
+    return out, set(missing)
 
 
 def _end(consumer: KafkaConsumer, tp: TopicPartition, listed: dict[TopicPartition, int]) -> int:

@@ -15,6 +15,7 @@ from kafka import KafkaProducer
 from sdns_monitor.broker import Broker
 from sdns_monitor.data import load_dataset
 from sdns_monitor.detector import Detector
+from sdns_monitor.errors import ConfigError
 from sdns_monitor.evaluation import ood_metrics
 from sdns_monitor.stream import StreamMonitor, state
 from sdns_monitor.stream.cameras import alarm_id
@@ -207,10 +208,11 @@ def test_a_restore_reads_every_state_even_when_the_broker_lists_a_short_end_offs
     producer.flush()
     producer.close()
     settings = run_settings(kafka_broker, tiny_bundle, names, state_topic=names["state"])
-    restored = state.restore(settings, {(names["frames"], 0), (names["frames"], 1)})
+    restored, missing = state.restore(settings, {(names["frames"], 0), (names["frames"], 1)})
     assert len(restored) == 3000 and {s["key"] for s in restored} == {
         f"cam-{i}" for i in range(3000)
     }
+    assert missing == set()
 
 
 def _frames_in(alarm: dict[str, Any], offsets: list[int], switch: int) -> int:
@@ -279,3 +281,17 @@ def test_quick_model_goals_ten_thousand_healthy_frames_quiet_a_wrong_feed_within
         r for r in _camera_records(kafka_broker, live["alerts"]) if r["kind"] == "camera-alarm"
     ]
     assert 1 <= _frames_in(alarm, live_offsets, switch) <= 30
+
+
+@pytest.mark.integration
+def test_a_state_topic_missing_or_with_too_few_partitions_is_a_one_line_error_at_start(
+    kafka_broker: Broker, tiny_bundle: Path
+) -> None:
+    names = topics(kafka_broker, "frames", "alerts", partitions=3)
+    absent = run_settings(kafka_broker, tiny_bundle, names, state_topic=f"none-{names['run_id']}")
+    with pytest.raises(ConfigError, match="does not exist: create it compacted"):
+        StreamMonitor(absent).run(idle_exit_s=1.0)
+    narrow = topics(kafka_broker, "state", partitions=2)
+    short = run_settings(kafka_broker, tiny_bundle, names, state_topic=narrow["state"])
+    with pytest.raises(ConfigError, match=r"has 2 partitions and the input topic .* 3: give"):
+        StreamMonitor(short).run(idle_exit_s=1.0)
