@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -110,6 +111,34 @@ def run_settings(broker: Broker, bundle: Path, names: dict[str, str], **extra: A
                 names[role]
             )
     return load_settings({**given, **extra}, {})
+
+
+def run_command(
+    broker: Broker,
+    bundle: Path,
+    names: dict[str, str],
+    *extra: str,
+    topic: str | None = None,
+    frame_incidents: bool = True,
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of `sdns-monitor run` as a subprocess: like
+    `run_settings`, reading `topic` (names["frames"]) from the beginning in its own group,
+    writing to whichever of the alerts, dlq and scores topics `names` has; with frame
+    incidents at alarm rate 0.1 unless `frame_incidents` is False."""
+    command = [sys.executable, "-m", "sdns_monitor.cli", "run"]
+    command += ["--topic", topic or names["frames"], "--model", str(bundle), "--from-beginning"]
+    command += ["--group-id", f"g-{names['run_id']}"]
+    for role, option in (
+        ("alerts", "--alert-topic"),
+        ("dlq", "--dlq-topic"),
+        ("scores", "--scores-topic"),
+    ):
+        if role in names:
+            command += [option, names[role]]
+    if frame_incidents:
+        command += ["--alerts", "frames", "--alarm-rate", "0.1"]
+    env = {**os.environ, **TANSU_ENV, "SDNS_BOOTSTRAP_SERVERS": broker.bootstrap_servers}
+    return [*command, *extra], env
 
 
 def wait_for(condition: Any, timeout: float, what: str, every: float = 0.1) -> None:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -18,43 +16,15 @@ import pytest
 from kafka import KafkaProducer
 
 from sdns_monitor.broker import Broker
-from tests.integration.kafka_helpers import TANSU_ENV, noise, png, read_all, topics
+from tests.integration.kafka_helpers import noise, png, read_all, run_command, topics
 
 
 def _start(
     broker: Broker, bundle: Path, names: dict[str, str], batch: int
 ) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **TANSU_ENV, "SDNS_BOOTSTRAP_SERVERS": broker.bootstrap_servers}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sdns_monitor.cli",
-            "run",
-            "--topic",
-            names["frames"],
-            "--model",
-            str(bundle),
-            "--alerts",
-            "frames",
-            "--alert-topic",
-            names["alerts"],
-            "--scores-topic",
-            names["scores"],
-            "--from-beginning",
-            "--alarm-rate",
-            "0.1",
-            "--group-id",
-            f"g-{names['run_id']}",
-            "--batch-size",
-            str(batch),
-            "--incident-cooldown-s",
-            "0",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    extra = ("--batch-size", str(batch), "--incident-cooldown-s", "0")
+    command, env = run_command(broker, bundle, names, *extra)
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 @pytest.mark.integration

@@ -7,10 +7,8 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +20,12 @@ from sdns_monitor.detector import Detector
 from sdns_monitor.errors import SdnsError
 from sdns_monitor.stream import StreamMonitor
 from tests.integration.kafka_helpers import (
-    TANSU_ENV,
     noise,
     png,
     produce,
     produce_doctored,
     read_all,
+    run_command,
     run_settings,
     topics,
     wait_for,
@@ -224,28 +222,15 @@ def test_every_hostile_kind_then_normal_frames_through_run_which_exits_0_on_sigt
     produce(kafka_broker, topic, [png(fashion_test[1])], key=b"k" * 400_000)  # scored
     normal = [png(image) for image in fashion_test[2:42]]
     produce(kafka_broker, topic, normal)
-    env = {**os.environ, **TANSU_ENV, "SDNS_BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers}
-    command = [
-        sys.executable,
-        "-m",
-        "sdns_monitor.cli",
-        "run",
-        "--topic",
-        topic,
-        "--model",
-        str(tiny_bundle),
-        "--alert-topic",
-        names["alerts"],
-        "--dlq-topic",
-        names["dlq"],
-        "--scores-topic",
-        names["scores"],
-        "--from-beginning",
-        "--group-id",
-        f"g-{names['run_id']}",
+    command, env = run_command(
+        kafka_broker,
+        tiny_bundle,
+        names,
         "--max-frame-bytes",
         "200000",
-    ]
+        topic=topic,
+        frame_incidents=False,
+    )
     log = (tmp_path / "run.log").open("w")
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

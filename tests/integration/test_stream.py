@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import signal
 import subprocess
 import sys
@@ -19,12 +18,12 @@ from sdns_monitor.detector import Detector
 from sdns_monitor.stream import StreamMonitor
 from sdns_monitor.stream.incidents import incident_id
 from tests.integration.kafka_helpers import (
-    TANSU_ENV,
     noise,
     png,
     produce,
     read_all,
     read_json,
+    run_command,
     run_settings,
     topics,
 )
@@ -96,27 +95,9 @@ def test_monitor_scores_every_frame_alerts_and_dead_letters(
 def test_cli_run_stops_cleanly_on_sigterm(kafka_broker: Broker, tiny_bundle: Path) -> None:
     names = topics(kafka_broker, "frames", "alerts")
     produce(kafka_broker, names["frames"], [png(image) for image in noise(3, seed=1)])
-    env = {**os.environ, **TANSU_ENV, "SDNS_BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers}
+    command, env = run_command(kafka_broker, tiny_bundle, names)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sdns_monitor.cli",
-            "run",
-            "--topic",
-            names["frames"],
-            "--model",
-            str(tiny_bundle),
-            "--alerts",
-            "frames",
-            "--alert-topic",
-            names["alerts"],
-            "--from-beginning",
-            "--alarm-rate",
-            "0.1",
-            "--group-id",
-            f"g-{names['run_id']}",
-        ],
+        command,
         env=env,
         stderr=subprocess.PIPE,
         text=True,

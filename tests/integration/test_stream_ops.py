@@ -4,11 +4,9 @@ scaling out to two processes, and a SIGKILL restart that loses nothing."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -25,7 +23,6 @@ from sdns_monitor.detector import Detector
 from sdns_monitor.settings import load_settings
 from sdns_monitor.stream import StreamMonitor
 from tests.integration.kafka_helpers import (
-    TANSU_ENV,
     LineReader,
     http_get,
     local_s3,
@@ -35,6 +32,7 @@ from tests.integration.kafka_helpers import (
     produce,
     read_all,
     read_json,
+    run_command,
     run_settings,
     topics,
     wait_for,
@@ -416,34 +414,8 @@ def test_the_pipeline_never_holds_more_than_queue_batches(
 
 
 def _run_cli(broker: Broker, bundle: Path, names: dict[str, str], *extra: str) -> Any:
-    env = {**os.environ, **TANSU_ENV, "SDNS_BOOTSTRAP_SERVERS": broker.bootstrap_servers}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sdns_monitor.cli",
-            "run",
-            "--topic",
-            names["frames"],
-            "--model",
-            str(bundle),
-            "--alerts",
-            "frames",
-            "--alert-topic",
-            names["alerts"],
-            "--scores-topic",
-            names["scores"],
-            "--from-beginning",
-            "--alarm-rate",
-            "0.1",
-            "--group-id",
-            f"g-{names['run_id']}",
-            *extra,
-        ],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    command, env = run_command(broker, bundle, names, *extra)
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     return proc, LineReader(proc)
 
 
