@@ -229,7 +229,8 @@ class RunSettings(BaseModel):
         default=None,
         description="Compacted topic where each camera's alarm state is kept, with at least as "
         "many partitions as the input: restarts and rebalances then continue an open alarm "
-        "under the same id and count no frame twice. Unset: state lives in memory only.",
+        "under the same id and count no frame twice (with `alerts = cameras`; `run` refuses "
+        "to start if it is missing or narrower). Unset: state lives in memory only.",
     )
     state_flush_s: float = Field(
         default=1.0,

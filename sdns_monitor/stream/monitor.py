@@ -82,7 +82,7 @@ class StreamMonitor:
             settings.queue_batches,
             settings.max_inflight_bytes,
             settings.max_inflight_frames,
-            state_barrier=settings.state_topic is not None,
+            state_barrier=settings.state_topic is not None and settings.alerts == "cameras",
         )
         self._state_written = 0.0  # monotonic time of the last batch that writes state
         self.status = Status(self.inflight.joined, on_alert)
