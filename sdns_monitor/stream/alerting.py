@@ -5,6 +5,7 @@ incidents. Both are the scorer thread's, and undo a failed batch's changes the s
 from __future__ import annotations
 
 import time
+from collections import Counter as Tally
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,6 +37,14 @@ class Verdict:
 class Alerting(Protocol):
     @property
     def open_count(self) -> int: ...
+
+    @property
+    def cameras(self) -> int:
+        """Keys whose state is kept (camera alarms; 0 for frame incidents)."""
+
+    @property
+    def clamped(self) -> Tally[str]:
+        """Timestamps clamped so far, by "future" / "past" (read from the loop's thread)."""
 
     def snapshot(self) -> Any: ...
 
@@ -76,6 +85,14 @@ class CameraAlerts:
     @property
     def open_count(self) -> int:
         return self.alarms.open_count
+
+    @property
+    def cameras(self) -> int:
+        return len(self.alarms)
+
+    @property
+    def clamped(self) -> Tally[str]:
+        return self.alarms.clamped
 
     def snapshot(self) -> Any:
         return self.alarms.snapshot()
@@ -176,6 +193,14 @@ class FrameIncidents:
     @property
     def open_count(self) -> int:
         return self.incidents.open_count
+
+    @property
+    def cameras(self) -> int:
+        return 0  # frame incidents keep no camera state
+
+    @property
+    def clamped(self) -> Tally[str]:
+        return Tally()  # nor event time
 
     def snapshot(self) -> Any:
         return self.incidents.snapshot()

@@ -72,6 +72,7 @@ class Status:
         self.output_problem: str | None = None  # outputs not delivered: retrying
         self.broker_problem: str | None = None  # cut off from the brokers
         self.stall_problem: str | None = None  # the oldest batch in flight is not moving
+        self._clamped: Tally[str] = Tally()  # clamped timestamps counted so far, by direction
         self.workers: dict[str, Callable[[], bool]] = {}  # name -> is that thread alive
         self._lock = threading.Lock()
 
@@ -121,6 +122,8 @@ class Status:
         incidents_open: int,
         assigned: int,
         head_age_s: float,
+        cameras: int = 0,
+        clamped: Tally[str] | None = None,
     ) -> None:
         self.broker_problem = broker_problem
         stalled = head_age_s > HEAD_STALL_S
@@ -137,6 +140,14 @@ class Status:
         for topic, value in lag.items():
             self.metrics.consumer_lag.labels(topic=topic).set(value)
         self.metrics.incidents_open.set(incidents_open)
+        self.metrics.cameras.set(cameras)
+        for direction in ("future", "past"):  # the scorer's running tallies, as increments
+            total = (clamped or Tally()).get(direction, 0)  # one get: safe beside the scorer
+            if total > self._clamped[direction]:
+                self.metrics.clamped_timestamps.labels(direction=direction).inc(
+                    total - self._clamped[direction]
+                )
+                self._clamped[direction] = total
         self.metrics.assigned_partitions.set(assigned)
         self.metrics.ready.set(0 if self.not_ready() else 1)
 

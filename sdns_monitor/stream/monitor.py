@@ -375,6 +375,8 @@ class StreamMonitor:
             self.scorer.alerting.open_count,
             self.inflight.assigned,
             time.monotonic() - self.inflight.head.started if len(self.inflight) else 0.0,
+            self.scorer.alerting.cameras,
+            self.scorer.alerting.clamped,
         )
 
     def _swap_models(self) -> None:

@@ -57,6 +57,16 @@ class Metrics:
             "sdns_consumer_lag", "Messages behind the high watermark", ["topic"], registry=r
         )
         self.incidents_open = Gauge("sdns_incidents_open", "Incidents open", registry=r)
+        self.cameras = Gauge(
+            "sdns_cameras", "Cameras (keys) whose alarm state this member keeps", registry=r
+        )
+        self.clamped_timestamps = Counter(
+            "sdns_clamped_timestamps",
+            "Frame timestamps the camera test clamped: ahead of the monitor's clock by more "
+            "than max_clock_skew_s (future), or behind the camera's latest by more (past)",
+            ["direction"],
+            registry=r,
+        )
         self.assigned_partitions = Gauge(
             "sdns_assigned_partitions", "Partitions assigned to this consumer", registry=r
         )

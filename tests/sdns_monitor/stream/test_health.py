@@ -45,3 +45,14 @@ def test_readiness_names_the_first_problem() -> None:
     )
     status.outputs_recovered()
     assert status.not_ready() is None and status.stats.output_failures == 1
+
+
+def test_cameras_and_clamped_timestamps_reach_the_metrics_as_running_totals() -> None:
+    status = Status(_joined())
+    status.gauges(Counter(), None, 0, 1, 0.0, cameras=3, clamped=Counter(future=2))
+    status.gauges(Counter(), None, 0, 1, 0.0, cameras=5, clamped=Counter(future=2, past=1))
+    registry = status.metrics.registry
+    assert registry.get_sample_value("sdns_cameras") == 5
+    value = registry.get_sample_value
+    assert value("sdns_clamped_timestamps_total", {"direction": "future"}) == 2  # not 4
+    assert value("sdns_clamped_timestamps_total", {"direction": "past"}) == 1
