@@ -79,10 +79,16 @@ def connect(s: RunSettings, listener: Any) -> tuple[KafkaConsumer, KafkaProducer
             "check --bootstrap-servers, the network and the security settings"
         ) from None
     try:
-        check_state_topic(consumer, s)
+        check_state_topic(s)
     except ConfigError:
         consumer.close(timeout_ms=COMMIT_TIMEOUT_MS)
         raise
+    except KafkaError as exc:
+        consumer.close(timeout_ms=COMMIT_TIMEOUT_MS)
+        raise BrokerUnreachable(
+            f"the state topic could not be checked on {s.bootstrap_servers} "
+            f"({type(exc).__name__}); check --bootstrap-servers and the security settings"
+        ) from None
     try:
         return consumer, make_producer(s)
     except KafkaError as exc:
@@ -93,24 +99,40 @@ def connect(s: RunSettings, listener: Any) -> tuple[KafkaConsumer, KafkaProducer
         ) from None
 
 
-def check_state_topic(consumer: KafkaConsumer, s: RunSettings) -> None:
+def check_state_topic(s: RunSettings) -> None:
     """The state topic exists and has a partition for each partition number of the input
     topics named (state.py: partition N holds the cameras of input partition N); a pattern's
-    topics are checked as they are assigned (state.restore)."""
+    topics are checked as they are assigned (state.restore). Asked by a client of its own that
+    never has a missing topic auto-created (a broker with auto-creation would make it
+    uncompacted, with its default partition count)."""
     if s.state_topic is None or s.alerts != "cameras":
         return  # frame incidents keep no state there
-    have = consumer.partitions_for_topic(s.state_topic)
+    consumer = KafkaConsumer(
+        bootstrap_servers=s.bootstrap_servers,
+        group_id=None,
+        client_id="sdns-monitor-check",
+        allow_auto_create_topics=False,
+        **s.security.client_options(),
+    )
+    try:
+        _check_partitions(consumer, s.state_topic, s.topic)
+    finally:
+        consumer.close()
+
+
+def _check_partitions(consumer: KafkaConsumer, state_topic: str, inputs: list[str]) -> None:
+    have = consumer.partitions_for_topic(state_topic)
     if not have:
         raise ConfigError(
-            f"the state topic {s.state_topic!r} does not exist: create it compacted "
+            f"the state topic {state_topic!r} does not exist: create it compacted "
             "(cleanup.policy=compact) with as many partitions as the widest input topic "
             "(docs/operations.md), or leave --state-topic unset"
         )
-    for topic in s.topic:
+    for topic in inputs:
         need = consumer.partitions_for_topic(topic) or set()
         if need - have:
             raise ConfigError(
-                f"the state topic {s.state_topic!r} has {len(have)} partitions and the input "
+                f"the state topic {state_topic!r} has {len(have)} partitions and the input "
                 f"topic {topic!r} {len(need)}: give the state topic at least {max(need) + 1} "
                 "(kafka-topics.sh --alter --partitions), since partition N keeps the cameras of "
                 "input partition N"

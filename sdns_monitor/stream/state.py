@@ -59,6 +59,7 @@ def restore(
         group_id=None,
         enable_auto_commit=False,
         client_id="sdns-monitor-restore",
+        allow_auto_create_topics=False,
         max_poll_records=10_000,
         **settings.security.client_options(),
     )

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
 
 from sdns_monitor.broker import Broker
 from sdns_monitor.data import load_dataset
@@ -288,10 +288,15 @@ def test_a_state_topic_missing_or_with_too_few_partitions_is_a_one_line_error_at
     kafka_broker: Broker, tiny_bundle: Path
 ) -> None:
     names = topics(kafka_broker, "frames", "alerts", partitions=3)
-    absent = run_settings(kafka_broker, tiny_bundle, names, state_topic=f"none-{names['run_id']}")
+    cameras = {"alerts": "cameras"}
+    absent_topic = f"none-{names['run_id']}"
+    absent = run_settings(kafka_broker, tiny_bundle, names, state_topic=absent_topic, **cameras)
     with pytest.raises(ConfigError, match="does not exist: create it compacted"):
         StreamMonitor(absent).run(idle_exit_s=1.0)
     narrow = topics(kafka_broker, "state", partitions=2)
-    short = run_settings(kafka_broker, tiny_bundle, names, state_topic=narrow["state"])
+    short = run_settings(kafka_broker, tiny_bundle, names, state_topic=narrow["state"], **cameras)
     with pytest.raises(ConfigError, match=r"has 2 partitions and the input topic .* 3: give"):
         StreamMonitor(short).run(idle_exit_s=1.0)
+    assert (
+        absent_topic not in KafkaConsumer(bootstrap_servers=kafka_broker.bootstrap_servers).topics()
+    )  # the check did not create it
