@@ -297,6 +297,6 @@ def test_a_state_topic_missing_or_with_too_few_partitions_is_a_one_line_error_at
     short = run_settings(kafka_broker, tiny_bundle, names, state_topic=narrow["state"], **cameras)
     with pytest.raises(ConfigError, match=r"has 2 partitions and the input topic .* 3: give"):
         StreamMonitor(short).run(idle_exit_s=1.0)
-    assert (
-        absent_topic not in KafkaConsumer(bootstrap_servers=kafka_broker.bootstrap_servers).topics()
-    )  # the check did not create it
+    probe = KafkaConsumer(bootstrap_servers=kafka_broker.bootstrap_servers)
+    assert absent_topic not in probe.topics()  # the check did not create it
+    probe.close()
