@@ -23,6 +23,7 @@ log = logging.getLogger("sdns_monitor.stream")
 
 STALL_S = 300.0  # /healthz fails when the loop has not come round for this long
 HEAD_STALL_S = 120.0  # /readyz fails while the oldest batch in flight is older than this
+STARVED_S = 120.0  # /readyz fails while the consumer is behind and has fetched nothing this long
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Status:
         self.output_problem: str | None = None  # outputs not delivered: retrying
         self.broker_problem: str | None = None  # cut off from the brokers
         self.stall_problem: str | None = None  # the oldest batch in flight is not moving
+        self.starved_problem: str | None = None  # behind, and no record fetched for a while
         self._clamped: Tally[str] = Tally()  # clamped timestamps counted so far, by direction
         self.workers: dict[str, Callable[[], bool]] = {}  # name -> is that thread alive
         self._lock = threading.Lock()
@@ -87,6 +89,8 @@ class Status:
             return f"not ready: {self.broker_problem}"
         if self.stall_problem is not None:
             return f"not ready: {self.stall_problem}"
+        if self.starved_problem is not None:
+            return f"not ready: {self.starved_problem}"
         return None
 
     def not_alive(self) -> str | None:
@@ -114,6 +118,20 @@ class Status:
         if self.output_problem is not None:
             log.info("outputs delivered again; resuming")
             self.output_problem = None
+
+    def starved(self, starved_s: float, behind: int) -> None:
+        """The consumer has fetched nothing for `starved_s` while `behind` messages wait."""
+        problem = None
+        if starved_s > STARVED_S:
+            problem = (
+                f"{behind} messages are waiting and none was fetched for {starved_s:.0f} s "
+                "(the broker is not serving fetches)"
+            )
+        if problem is not None and self.starved_problem is None:
+            log.error("%s; not ready", problem)
+        elif problem is None and self.starved_problem is not None:
+            log.info("records arrive again")
+        self.starved_problem = problem
 
     def gauges(
         self,

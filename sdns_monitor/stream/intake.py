@@ -40,6 +40,16 @@ class Intake:
         self.batch_size = batch_size
         self.max_wait_ms = max_wait_ms
         self.paused = False
+        self.last_records = time.monotonic()  # when a poll last returned records
+
+    def starved_s(self, behind: int) -> float:
+        """How long the consumer has fetched nothing while `behind` messages are waiting for
+        it and it is not paused on purpose (0 when it is not starved): a broker that stopped
+        serving fetches, which neither the connection nor the loop shows."""
+        if behind <= 0 or self.paused:
+            self.last_records = time.monotonic()
+            return 0.0
+        return time.monotonic() - self.last_records
 
     def collect(self, stop: threading.Event, busy: bool) -> list[Any]:
         """A micro-batch: up to `batch_size` messages, waiting at most `max_wait_ms` after the
@@ -81,7 +91,10 @@ class Intake:
             polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         except CorruptRecordError as exc:  # raised again at every poll until it is skipped
             return self._skip_unreadable(exc)
-        return [m for batch in polled.values() for m in batch]
+        out = [m for batch in polled.values() for m in batch]
+        if out:
+            self.last_records = time.monotonic()
+        return out
 
     def _skip_unreadable(self, exc: CorruptRecordError) -> list[Any]:
         """Seek past the record the client cannot parse (a header key that is not UTF-8, a

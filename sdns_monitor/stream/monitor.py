@@ -253,7 +253,7 @@ class StreamMonitor:
             if self.scorer.died is not None:  # a bug: stop, so that a supervisor restarts us
                 raise SdnsError(f"the scorer thread died: {self.scorer.died!r}")
             if now >= next_gauges:  # on every path of the loop, backpressure and retries too
-                self._gauges(consumer, watch)
+                self._gauges(consumer, watch, intake)
                 next_gauges = now + GAUGES_EVERY_S
             self._swap_models()
             if not self._settle(consumer):  # the head batch was not delivered
@@ -368,9 +368,11 @@ class StreamMonitor:
                 return
             self.inflight.wait_head(0.05)
 
-    def _gauges(self, consumer: Any, watch: kafka.ConnectionWatch) -> None:
+    def _gauges(self, consumer: Any, watch: kafka.ConnectionWatch, intake: Intake) -> None:
+        lag = kafka.consumer_lag(consumer)
+        self.status.starved(intake.starved_s(sum(lag.values())), sum(lag.values()))
         self.status.gauges(
-            kafka.consumer_lag(consumer),
+            lag,
             watch.problem(consumer),
             self.scorer.alerting.open_count,
             self.inflight.assigned,

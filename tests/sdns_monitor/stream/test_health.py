@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
-from sdns_monitor.stream.health import HEAD_STALL_S, Status
+from sdns_monitor.stream.health import HEAD_STALL_S, STARVED_S, Status
 
 
 def _joined() -> threading.Event:
@@ -56,3 +56,13 @@ def test_cameras_and_clamped_timestamps_reach_the_metrics_as_running_totals() ->
     value = registry.get_sample_value
     assert value("sdns_clamped_timestamps_total", {"direction": "future"}) == 2  # not 4
     assert value("sdns_clamped_timestamps_total", {"direction": "past"}) == 1
+
+
+def test_a_consumer_behind_that_fetches_nothing_fails_readiness_until_records_come() -> None:
+    status = Status(_joined())
+    status.starved(STARVED_S - 1, behind=500)
+    assert status.not_ready() is None  # a slow fetch is not yet a stall
+    status.starved(STARVED_S + 1, behind=500)
+    assert "500 messages are waiting and none was fetched" in (status.not_ready() or "")
+    status.starved(0.0, behind=0)
+    assert status.not_ready() is None
