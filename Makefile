@@ -13,7 +13,7 @@ LINT_PATHS := $(wildcard sdns_monitor trainer tests benchmarks examples)
 THREADS ?= $(shell nproc)
 export OMP_NUM_THREADS := $(THREADS)
 
-.PHONY: venv demo test test-slow lint bench soak bench-state bench-recipes bench-quality clean
+.PHONY: venv demo test test-slow lint bench soak bench-state bench-camera bench-recipes bench-quality clean
 
 venv: $(STAMP)
 
@@ -61,6 +61,17 @@ soak: $(STAMP)
 # with and without the state topic. Writes benchmarks/results/camera_state.json.
 bench-state: $(STAMP)
 	$(PY) benchmarks/camera_state.py --out benchmarks/results/camera_state.json
+
+# Camera faults on real photographs (benchmarks/camera.py): the default recipe, every severity;
+# FAST=1: the quick recipe, fewer frames, severities 1 and 5 (about 4 minutes). Installs what
+# only this benchmark needs: photos of the mate-backgrounds package, ImageNet-C's corruptions.
+PHOTOS_DIR := /usr/share/backgrounds/mate/nature
+bench-camera: $(STAMP)
+	test -d $(PHOTOS_DIR) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq mate-backgrounds; }
+	$(PIP) install -q -c constraints.txt opencv-python-headless numba
+	# --no-deps: it declares opencv-python, the GUI build, which clashes with the headless one.
+	$(PIP) install -q --no-deps -c constraints.txt imagecorruptions-imaug
+	$(PY) benchmarks/camera.py $(if $(FAST),--fast --out benchmarks/results/camera-fast.json,--out benchmarks/results/camera.json)
 
 bench-recipes: $(STAMP)
 	$(PY) benchmarks/recipes.py --recipes quick default --out benchmarks/results/recipes.json
