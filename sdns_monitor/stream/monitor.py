@@ -370,7 +370,8 @@ class StreamMonitor:
 
     def _gauges(self, consumer: Any, watch: kafka.ConnectionWatch, intake: Intake) -> None:
         lag = kafka.consumer_lag(consumer)
-        self.status.starved(intake.starved_s(sum(lag.values())), sum(lag.values()))
+        behind = sum(lag.values())
+        self.status.starved(intake.starved_s(behind), behind)
         self.status.gauges(
             lag,
             watch.problem(consumer),
