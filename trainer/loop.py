@@ -9,6 +9,7 @@ rank) at every epoch, so a resumed run repeats the loss curve of an uninterrupte
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import time
@@ -55,6 +56,7 @@ class TrainResult:
     student: Backbone
     history: History
     images_per_second: float
+    precision: dict[str, Any] = field(default_factory=dict)  # what `auto` chose, and why
 
 
 @dataclass(frozen=True)
@@ -130,12 +132,17 @@ def _autocast(device: torch.device, use_bf16: bool) -> contextlib.AbstractContex
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def resolve_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast on GPUs; fp32 on CPUs, where bf16 measured slower on the AVX-512 Xeons
-    without native bf16 that this project runs on (benchmarks: see the issue notes)."""
-    if precision == "auto":
-        return device.type == "cuda"
-    return precision == "bf16"
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX); without it bf16
+    is emulated and slower than fp32."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(torch.backends.mkldnn.is_available() and probe is not None and probe())
+
+
+# bf16 must be at least this much faster than fp32, measured, for `auto` to choose it.
+BF16_MIN_SPEEDUP = 1.1
+# Training steps timed per precision by `auto` on a CPU (after one warm-up step each).
+PRECISION_PROBE_STEPS = 2
 
 
 def _to_float(images: Tensor, device: torch.device) -> Tensor:
@@ -165,7 +172,6 @@ class Trainer:
         self.aux = aux_images
         self.checkpoint_dir = checkpoint_dir
         self.progress = progress
-        self.bf16 = resolve_bf16(cfg.precision, device)
         if cfg.batch_size % self.info.world_size:
             raise ConfigError(
                 f"--batch-size {cfg.batch_size} must be divisible by the number of processes "
@@ -178,7 +184,7 @@ class Trainer:
                 f"{n} training images are fewer than one batch of {cfg.batch_size}; "
                 "give more images or a smaller --batch-size"
             )
-        self.steps_per_epoch = min(cfg.steps_per_epoch or full, full)
+        self.steps_per_epoch = cfg.epoch_steps(n)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.sched = Schedules(cfg, self.total_steps, self.steps_per_epoch)
 
@@ -219,6 +225,59 @@ class Trainer:
         )
         self.history = History()
         self.start_epoch = 0
+        self.bf16 = False
+        self.precision = self._choose_precision()
+
+    # ----------------------------------------------------------------- precision
+    def _choose_precision(self) -> dict[str, Any]:
+        """Set `self.bf16` from `precision`; `auto`: bf16 autocast on a GPU, and on a CPU when
+        bf16 runs natively and a timed training step is at least BF16_MIN_SPEEDUP faster than
+        fp32 (measured on copies of the networks, so training is unchanged). Returns what the
+        manifest records."""
+        cfg, device = self.cfg, self.device
+        if cfg.precision != "auto":
+            self.bf16 = cfg.precision == "bf16"
+            return {"chosen": cfg.precision, "method": "set by the recipe or --precision"}
+        if device.type == "cuda":
+            self.bf16 = True
+            return {"chosen": "bf16", "method": "auto: bf16 autocast on a GPU"}
+        if not cpu_has_bf16():
+            return {"chosen": "fp32", "method": "auto: this CPU has no native bf16 (oneDNN)"}
+        seconds = {p: self._time_step(p == "bf16") for p in ("fp32", "bf16")}
+        choice = torch.tensor([seconds["fp32"] >= BF16_MIN_SPEEDUP * seconds["bf16"]])
+        if dist.is_initialized():
+            dist.broadcast(choice, src=0)  # every process trains in rank 0's precision
+        self.bf16 = bool(choice.item())
+        return {
+            "chosen": "bf16" if self.bf16 else "fp32",
+            "method": f"auto: bf16 when a timed step is >= {BF16_MIN_SPEEDUP}x faster",
+            "seconds_per_step": seconds,
+        }
+
+    def _time_step(self, bf16: bool) -> float:
+        """Seconds of one forward and backward pass of a training batch, on copies of the
+        networks (the best of PRECISION_PROBE_STEPS after a warm-up)."""
+        student, teacher = copy.deepcopy(self.student_module), copy.deepcopy(self.teacher)
+        loss_fn = copy.deepcopy(self.loss)  # its centre moves on every call
+        gen = torch.Generator(self.device).manual_seed(self.cfg.seed)
+        n = min(self.cfg.batch_size // self.info.world_size, self.images.shape[0])
+        x = _to_float(self.images[:n], self.device)
+        a = None if self.aux is None else _to_float(self.aux[:n], self.device)
+        crops, n_pos, n_neg = self._views(x, a, gen)
+        n_sources = 0 if n_neg == 0 else n_neg // (1 + self.cfg.n_local)
+        best = math.inf
+        for i in range(PRECISION_PROBE_STEPS + 1):
+            t0 = time.perf_counter()
+            with _autocast(self.device, bf16):
+                with torch.no_grad():
+                    teacher_out = teacher(crops[:2])
+                pos, neg = self._split(student(crops), n_pos, n_sources)
+                parts = loss_fn(pos, teacher_out, neg, self.cfg.teacher_temp)
+            parts.total.backward()
+            student.zero_grad(set_to_none=True)
+            if i:
+                best = min(best, time.perf_counter() - t0)
+        return best
 
     # ----------------------------------------------------------------- checkpoints
     def _checkpoint_path(self) -> Path | None:
@@ -283,8 +342,16 @@ class Trainer:
         gen = torch.Generator(self.device).manual_seed(crop_seed)
         cpu_gen = torch.Generator().manual_seed(aux_seed)
         torch.manual_seed(global_seed)
+        size = self.cfg.batch_size
+        passes = -(-self.steps_per_epoch // (self.images.shape[0] // size))
+        for extra in range(1, passes):  # an epoch longer than one pass: more permutations
+            seed = np.random.SeedSequence([self.cfg.seed, epoch, extra]).generate_state(1)[0]
+            more = torch.randperm(
+                self.images.shape[0], generator=torch.Generator().manual_seed(int(seed))
+            )
+            order = torch.cat([order[: len(order) // size * size], more])
         for step in range(self.steps_per_epoch):
-            batch = order[step * self.cfg.batch_size : (step + 1) * self.cfg.batch_size]
+            batch = order[step * size : (step + 1) * size]
             mine = batch[self.info.rank :: self.info.world_size]
             x = _to_float(self.images[mine], self.device)
             a = None
@@ -396,4 +463,5 @@ class Trainer:
             student=self.student_module.backbone,
             history=self.history,
             images_per_second=seen / elapsed,
+            precision=self.precision,
         )

@@ -264,3 +264,68 @@ def test_too_few_images_for_one_batch_is_refused() -> None:
             [0.25],
             torch.device("cpu"),
         )
+
+
+# --- steps and precision -----------------------------------------------------------------
+
+
+def test_an_epoch_longer_than_one_pass_draws_a_new_permutation_per_pass() -> None:
+    # 64 images in batches of 8: one pass is 8 steps; 15 steps per epoch take a second pass.
+    tr = _trainer(_config(epochs=2, steps_per_epoch=15))
+    assert (tr.steps_per_epoch, tr.total_steps) == (15, 30)
+    seen = [x for x, _, _ in tr._batches(0)]
+    assert len(seen) == 15
+    rows = torch.cat(seen).flatten(1)
+    first_pass, second_pass = rows[:64], rows[64:]
+    # The first pass holds every image once; the second pass starts over in another order.
+    assert torch.unique(first_pass, dim=0).shape[0] == 64
+    assert second_pass.shape[0] == 56
+    assert not torch.equal(first_pass[:56], second_pass)
+
+
+def test_without_steps_per_epoch_an_epoch_is_one_pass_and_the_recorded_config_says_so() -> None:
+    cfg = _config(epochs=2).model_copy(update={"steps_per_epoch": None})
+    assert cfg.with_steps(64).steps_per_epoch == 8
+    assert _config(steps_per_epoch=3).with_steps(64).steps_per_epoch == 3
+
+
+def test_auto_precision_is_fp32_without_native_bf16_and_set_precisions_are_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: False)
+    auto = _trainer(_config())
+    assert (auto.bf16, auto.precision["chosen"]) == (False, "fp32")
+    assert "no native bf16" in auto.precision["method"]
+    forced = _trainer(_config(precision="bf16"))
+    assert (forced.bf16, forced.precision["chosen"]) == (True, "bf16")
+
+
+def test_auto_precision_times_both_on_copies_and_picks_the_faster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: True)
+    timed: list[bool] = []
+
+    def fake_time(self: Trainer, bf16: bool) -> float:
+        timed.append(bf16)
+        return 0.5 if bf16 else 1.0
+
+    monkeypatch.setattr(Trainer, "_time_step", fake_time)
+    tr = _trainer(_config())
+    assert timed == [False, True]
+    assert tr.bf16 and tr.precision["seconds_per_step"] == {"fp32": 1.0, "bf16": 0.5}
+    monkeypatch.setattr(Trainer, "_time_step", lambda self, bf16: 1.0)  # no gain: fp32
+    assert not _trainer(_config()).bf16
+
+
+def test_the_precision_probe_leaves_the_networks_and_the_loss_centre_untouched() -> None:
+    tr = _trainer(_config(precision="fp32"))
+    before = {k: v.clone() for k, v in tr.student_module.state_dict().items()}
+    teacher_before = {k: v.clone() for k, v in tr.teacher.state_dict().items()}
+    centre = tr.loss.center.clone()
+    assert tr._time_step(False) > 0
+    for key, value in tr.student_module.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    for key, value in tr.teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[key]), key
+    assert torch.equal(tr.loss.center, centre)
