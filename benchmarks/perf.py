@@ -49,7 +49,6 @@ from sdns_monitor.detector import Detector
 from sdns_monitor.evaluation import ood_metrics
 from sdns_monitor.frames import decode_bytes
 from sdns_monitor.index import ReferenceIndex
-from sdns_monitor.lowlevel import lowlevel_features
 
 BATCH = 64
 
@@ -75,14 +74,11 @@ def scorer_vs_parts(det: Detector, frames: np.ndarray) -> dict[str, float]:
     batch = frames[:BATCH]
     prepared = det.prepare(batch)
     feats = det.features(prepared)
-    low = det.manifest.score.lowlevel
 
     def search() -> None:
         det.index.kernel_scores(feats, det.k, det.temperature)
-        if low is not None and det.low_index is not None:
-            det.low_index.kernel_scores(
-                lowlevel_features(prepared, low.side), low.k, low.temperature
-            )
+        if det.lowlevel is not None:
+            det.lowlevel.part_scores(prepared)
 
     parts = {
         "preprocess": best_rate(lambda: det.prepare(batch), BATCH),

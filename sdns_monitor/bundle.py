@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
@@ -63,8 +63,36 @@ class InputSpec(BaseModel):
     std: list[Annotated[float, Field(gt=0)]]
 
 
+LowLevelPart = Literal["pixels", "statistics"]
+
+
+class StatisticsSpec(BaseModel):
+    """The image-statistics part of the combined score (sdns_monitor.lowlevel): which
+    statistics, their standardisation over the reference images, the k of the distance."""
+
+    model_config = ConfigDict(extra="forbid")
+    names: list[str]
+    mean: list[float]
+    std: list[Annotated[float, Field(gt=0)]]
+    k: int = Field(10, ge=1)
+    # mean and std of the statistics score on in-distribution validation images
+    score_mean: float
+    score_std: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> StatisticsSpec:
+        if not len(self.names) == len(self.mean) == len(self.std):
+            raise ValueError("statistics names, mean and std need one entry each")
+        return self
+
+
 class LowLevelSpec(BaseModel):
-    """The low-level half of the combined score and how the two halves are standardised."""
+    """The low-level parts of the combined score and how each part is standardised.
+
+    The low-level bank (`lowlevel.npy`) holds per reference image its pooled pixels and, when
+    `statistics` is set, its image statistics after them. `parts` are the ones the combined
+    score adds to SDNS (chosen on validation data); bundles made before the statistics part
+    existed have the pixels alone."""
 
     model_config = ConfigDict(extra="forbid")
     side: int = Field(ge=1)  # frames are average-pooled to side x side x channels
@@ -76,11 +104,20 @@ class LowLevelSpec(BaseModel):
     sdns_std: float = Field(gt=0)
     low_mean: float
     low_std: float = Field(gt=0)
+    statistics: StatisticsSpec | None = None
+    parts: list[LowLevelPart] = Field(default_factory=lambda: ["pixels"], min_length=1)  # type: ignore[arg-type]
     validation: dict[str, Any] = Field(default_factory=dict)  # AUROCs that chose the default
 
-    @property
-    def stats(self) -> tuple[float, float, float, float]:
-        return self.sdns_mean, self.sdns_std, self.low_mean, self.low_std
+    @model_validator(mode="after")
+    def _parts(self) -> LowLevelSpec:
+        if "statistics" in self.parts and self.statistics is None:
+            raise ValueError("the statistics part needs its statistics spec")
+        return self
+
+    def bank_dim(self, channels: int) -> int:
+        """Columns of the low-level bank: pooled pixels, then the statistics."""
+        n_stats = len(self.statistics.names) if self.statistics is not None else 0
+        return self.side * self.side * channels + n_stats
 
 
 class ScoreSpec(BaseModel):
@@ -384,7 +421,7 @@ def load_bundle(
             )
         except (ValueError, OSError) as exc:
             raise BundleError(f"{path}: cannot read arrays ({exc})") from None
-        dim = low.side * low.side * manifest.input.channels
+        dim = low.bank_dim(manifest.input.channels)
         if lowlevel.dtype != np.float32 or lowlevel.ndim != 2 or lowlevel.shape[1] != dim:
             raise BundleError(
                 f"{path}: {LOWLEVEL} has shape {lowlevel.shape} / {lowlevel.dtype}, "

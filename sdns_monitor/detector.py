@@ -22,10 +22,10 @@ from sdns_monitor.errors import BundleError, ConfigError, FrameError
 from sdns_monitor.features import extract_features
 from sdns_monitor.frames import decode_bytes, from_array, from_pil
 from sdns_monitor.index import ReferenceIndex
-from sdns_monitor.lowlevel import lowlevel_features
+from sdns_monitor.lowlevel import LowLevelScorer
 from sdns_monitor.networks import create_backbone
 from sdns_monitor.preprocess import prepare_uint8
-from sdns_monitor.scoring import ScoreResult, combined_score, p_values
+from sdns_monitor.scoring import ScoreResult, p_values
 
 ImageInput = np.ndarray | torch.Tensor | Image.Image | bytes
 ScoreMode = Literal["auto", "sdns", "combined"]
@@ -84,7 +84,7 @@ class Detector:
         self.temperature = spec.temperature
         self.alarm_rate = self.manifest.calibration.default_alarm_rate
         low = spec.lowlevel
-        self.low_index: ReferenceIndex | None = None
+        self.lowlevel: LowLevelScorer | None = None
         mode = score
         if mode == "auto":
             mode = spec.default if low is not None else "sdns"
@@ -94,7 +94,7 @@ class Detector:
                     f"{bundle.path} has no combined score (fitted without the low-level bank); "
                     "use --score sdns or refit"
                 )
-            self.low_index = ReferenceIndex(bundle.lowlevel, "Flat", self.device).prepare(low.k)
+            self.lowlevel = LowLevelScorer(low, bundle.lowlevel, self.device)
             self.calibration = bundle.calibration_combined
         elif mode == "sdns":
             self.calibration = bundle.calibration
@@ -158,13 +158,7 @@ class Detector:
         """Anomaly scores of prepared images (the detector's score mode); higher = more
         out-of-distribution."""
         sdns = self.sdns_scores(prepared)
-        low = self.manifest.score.lowlevel
-        if self.low_index is None or low is None:
-            return sdns
-        feats = lowlevel_features(prepared, low.side)
-        return combined_score(
-            sdns, self.low_index.kernel_scores(feats, low.k, low.temperature), low.stats
-        )
+        return sdns if self.lowlevel is None else self.lowlevel.combined(sdns, prepared)
 
     def sdns_scores(self, prepared: np.ndarray) -> np.ndarray:
         """a(z), the paper's kernel score on teacher features, whatever the score mode."""

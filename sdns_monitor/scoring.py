@@ -1,7 +1,7 @@
 """The anomaly score and its p-value: the formulas, in one place.
 
 `kernel_score` turns similarities into the kernel score (searched by
-`ReferenceIndex.kernel_scores`), `combined_score` adds the low-level one, `p_values` makes
+`ReferenceIndex.kernel_scores`), `combined_score` adds the low-level parts to it, `p_values` makes
 conformal p-values; `Detector.anomaly_scores` is the score of a bundle's chosen mode.
 
 Kernel density of a feature z among N reference features z_i (METHOD.md "Score"):
@@ -25,6 +25,7 @@ one score (chunked or not, any batch, any machine) agree within `score_tolerance
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,14 +49,13 @@ def kernel_score(similarities: torch.Tensor, n_reference: int, temperature: floa
     return math.log(n_reference) - torch.logsumexp((s - 1.0) / temperature, dim=1)
 
 
-def combined_score(
-    sdns: np.ndarray, low: np.ndarray, stats: tuple[float, float, float, float]
-) -> np.ndarray:
-    """The combined score (sdns_monitor.lowlevel): the SDNS and low-level scores, each
-    standardised by its (mean, std) on in-distribution validation images, added;
-    `stats` = (sdns mean, sdns std, low mean, low std)."""
-    m1, s1, m2, s2 = stats
-    return (sdns - m1) / s1 + (low - m2) / s2
+def combined_score(parts: Sequence[tuple[np.ndarray, float, float]]) -> np.ndarray:
+    """The combined score (sdns_monitor.lowlevel): each part's score standardised by its
+    (mean, std) on in-distribution validation images, added; `parts` = (scores, mean, std)."""
+    total = np.zeros_like(np.asarray(parts[0][0], dtype=np.float64))
+    for scores, mean, std in parts:
+        total = total + (np.asarray(scores, dtype=np.float64) - mean) / std
+    return total
 
 
 def p_values(scores: np.ndarray, calibration: np.ndarray) -> np.ndarray:

@@ -48,10 +48,10 @@ from sdns_monitor.device import resolve_device
 from sdns_monitor.errors import BundleError, DataError
 from sdns_monitor.features import extract_features
 from sdns_monitor.index import ReferenceIndex
-from sdns_monitor.lowlevel import lowlevel_features
+from sdns_monitor.lowlevel import LowLevelScorer
 from sdns_monitor.networks import BackboneConfig
 from sdns_monitor.preprocess import prepare_uint8
-from sdns_monitor.scoring import cannot_flag, combined_score
+from sdns_monitor.scoring import cannot_flag
 from trainer.config import TrainConfig
 from trainer.loop import DistInfo, Trainer, TrainResult, dist_info
 from trainer.selection import ScoreSelection, select_score
@@ -177,8 +177,17 @@ def setup_device(device: str, info: DistInfo) -> torch.device:
     if dev.type == "cuda" and info.world_size > 1:
         dev = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(dev)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
+    torch.set_num_threads(max(1, usable_cpus() // info.world_size))
     return dev
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's share, not the
+    host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def prepare_data(
@@ -193,6 +202,7 @@ def prepare_data(
     images = prepare_uint8(reference.images, size, channels)
     reference = ImageSet(images, reference.labels, reference.sources, reference.spec)
     splits = split_reference(reference, cfg)
+    cfg = cfg.with_steps(len(splits.train))
     train_images = splits.train.images
     mean = (train_images.reshape(-1, channels).mean(0) / 255.0).tolist()
     std = np.maximum(train_images.reshape(-1, channels).std(0) / 255.0, 1e-3).tolist()
@@ -238,6 +248,13 @@ def train_encoder(
         checkpoint_dir=checkpoint_dir(out),
         progress=progress,
     )
+    p = trainer.precision
+    measured = p.get("seconds_per_step")
+    log(
+        f"precision {p['chosen']} ({p['method']}"
+        + (f"; s/step fp32 {measured['fp32']:.3f}, bf16 {measured['bf16']:.3f}" if measured else "")
+        + f"); {trainer.total_steps} optimiser steps"
+    )
     if resume and trainer.resume():
         log(f"resumed from epoch {trainer.start_epoch} of {cfg.epochs}")
     t0 = time.perf_counter()
@@ -275,16 +292,13 @@ def calibrate(
     validation images (in neither the bank nor the calibration) are checked against them: how
     often each alarm rate flags them (the camera test's margin, sequential.py)."""
     low, low_bank = selection.lowlevel, selection.lowlevel_bank
-    low_index = None if low_bank is None else ReferenceIndex(low_bank, "Flat", device)
+    lowlevel = None if low is None or low_bank is None else LowLevelScorer(low, low_bank, device)
 
     def scores_of(images: np.ndarray) -> dict[str, np.ndarray]:
         features = extract_features(teacher, images, prepared.input, device)
         out = {"sdns": index.kernel_scores(features, selection.k, cfg.score_temperature)}
-        if low is not None and low_index is not None:
-            low_scores = low_index.kernel_scores(
-                lowlevel_features(images, low.side), low.k, low.temperature
-            )
-            out["combined"] = combined_score(out["sdns"], low_scores, low.stats)
+        if lowlevel is not None:
+            out["combined"] = lowlevel.combined(out["sdns"], images)
         return out
 
     calibration = scores_of(prepared.splits.calibration.images)
@@ -351,6 +365,7 @@ def build_manifest(
                 "validation_shifted_auroc": selection.validation_auroc,
                 "images_per_second": trained.result.images_per_second,
                 "train_seconds": trained.seconds,
+                "precision": trained.result.precision,
                 "device": str(device),
                 "processes": processes,
             },

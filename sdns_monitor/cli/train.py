@@ -98,7 +98,10 @@ def fit(
         typer.Option(help="Negatives from in-distribution (id), auxiliary (aux) images or both"),
     ] = None,
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
-    steps_per_epoch: Annotated[int | None, typer.Option(min=1)] = None,
+    steps_per_epoch: Annotated[
+        int | None,
+        typer.Option(min=1, help="Optimiser steps per epoch; more than one pass takes several"),
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(min=2)] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate per 256 images")] = None,
     image_size: Annotated[

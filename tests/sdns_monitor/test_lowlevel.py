@@ -7,11 +7,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from scipy import ndimage
 
 from sdns_monitor.bundle import LowLevelSpec, load_bundle, write_bundle
 from sdns_monitor.detector import Detector
 from sdns_monitor.errors import BundleError, ConfigError
-from sdns_monitor.lowlevel import MAX_DIM, lowlevel_features, pooled_side
+from sdns_monitor.lowlevel import (
+    MAX_DIM,
+    combine,
+    image_statistics,
+    lowlevel_features,
+    pooled_side,
+    statistics_names,
+    statistics_score,
+)
 from sdns_monitor.scoring import combined_score
 
 
@@ -33,9 +43,50 @@ def test_pooled_features_are_compact_unit_vectors_and_flat_frames_are_zero() -> 
     )
 
 
-def test_combined_score_standardises_each_half() -> None:
-    out = combined_score(np.array([1.0, 3.0]), np.array([10.0, 30.0]), (1.0, 2.0, 10.0, 20.0))
+def test_combined_score_standardises_each_part() -> None:
+    out = combined_score([(np.array([1.0, 3.0]), 1.0, 2.0), (np.array([10.0, 30.0]), 10.0, 20.0)])
     assert out.tolist() == [0.0, 2.0]
+    three = combined_score([(np.array([1.0]), 0.0, 1.0)] * 3)
+    assert three.tolist() == [3.0]
+
+
+def _scene(n: int, seed: int = 0) -> np.ndarray:
+    """Colour frames: smooth gradients plus waves of a 16 px period, mid exposure."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:32] / 32.0
+    base = np.stack([0.3 + 0.4 * xx, 0.3 + 0.4 * yy, 0.5 - 0.2 * xx], axis=-1)
+    phase = rng.uniform(0, 6, (n, 1, 1))
+    waves = np.sin(xx * 4 * np.pi + phase) * np.cos(yy * 4 * np.pi)
+    fine = np.sin(xx * 16 * np.pi + 2 * phase) * np.sin(yy * 16 * np.pi)  # a 4 px period
+    detail = (0.12 * waves + 0.04 * fine)[..., None]
+    return ((base[None] + detail).clip(0, 1) * 255).astype(np.uint8)
+
+
+def test_image_statistics_see_exposure_blur_noise_and_clipping() -> None:
+    names = statistics_names(3)
+    frames = _scene(8)
+    base = image_statistics(frames)
+    assert base.shape == (8, len(names)) and len(statistics_names(1)) == len(names) - 5
+    col = {name: i for i, name in enumerate(names)}
+    darker = image_statistics((frames // 3).astype(np.uint8))
+    assert (darker[:, col["mean_0"]] < base[:, col["mean_0"]] - 0.1).all()
+    blurred = ndimage.uniform_filter(frames.astype(np.float32), size=(1, 3, 3, 1), mode="nearest")
+    blurred_stats = image_statistics(blurred.astype(np.uint8))
+    assert (blurred_stats[:, col["laplacian"]] < base[:, col["laplacian"]]).all()
+    noisy = (frames + np.random.default_rng(1).normal(0, 25, frames.shape)).clip(0, 255)
+    noisy_stats = image_statistics(noisy.astype(np.uint8))
+    assert (noisy_stats[:, col["laplacian_median"]] > base[:, col["laplacian_median"]]).all()
+    white = image_statistics(np.full((2, 32, 32, 3), 255, np.uint8))
+    assert white[:, col["clipped_high"]].tolist() == [1.0, 1.0]
+    assert np.isfinite(image_statistics(np.zeros((1, 32, 32, 1), np.uint8)).numpy()).all()
+
+
+def test_statistics_score_is_the_mean_distance_to_the_nearest_reference_frames() -> None:
+    reference = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]])
+    mean, std = torch.zeros(2), torch.tensor([1.0, 2.0])
+    scores = statistics_score(torch.tensor([[0.0, 0.0], [0.0, 4.0]]), reference, mean, std, 2)
+    # Standardised: the query (0, 4) sits at (0, 2); its two nearest are (0, 0) and (1, 0).
+    np.testing.assert_allclose(scores, [0.5, (2.0 + np.sqrt(5.0)) / 2])
 
 
 def _with_lowlevel(tiny_bundle: Path, out: Path, fashion: np.ndarray, default: str) -> Path:
@@ -61,7 +112,7 @@ def _with_lowlevel(tiny_bundle: Path, out: Path, fashion: np.ndarray, default: s
     manifest = b.manifest.model_copy(update={"score": score, "files": {}})
     cal = fashion[300:600]
     cal_low = ReferenceIndex(bank).kernel_scores(lowlevel_features(cal, 16), 200, 0.04)
-    cal_combined = combined_score(det.sdns_scores(cal), cal_low, spec.stats)
+    cal_combined = combine(spec, det.sdns_scores(cal), {"pixels": cal_low})
     return write_bundle(out, manifest, b.state_dict, b.features, b.calibration, bank, cal_combined)
 
 
