@@ -570,6 +570,17 @@ class Plan:
     faulty: int
     severities: tuple[int, ...]
     steps: int | None = None  # optimiser steps (one epoch), for smoke runs
+    settings: tuple[tuple[str, Any], ...] = ()  # training options over the recipe (--set)
+
+
+def parse_setting(item: str) -> tuple[str, Any]:
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def plan(args: argparse.Namespace) -> Plan:
@@ -578,6 +589,8 @@ def plan(args: argparse.Namespace) -> Plan:
     else:
         p = Plan("full", "default", args.size, 1500, 250, 100, (1, 3, 5))
     given = {k: getattr(args, k) for k in ("reference", "normal", "faulty", "steps", "faults")}
+    if args.set:
+        given["settings"] = tuple(parse_setting(item) for item in args.set)
     given = {k: v for k, v in given.items() if v is not None}
     p = replace(
         p, recipe=args.recipe or p.recipe, **{k: v for k, v in given.items() if k != "faults"}
@@ -599,7 +612,7 @@ def run(
     labels = np.repeat(np.arange(len(CAMERAS)), p.reference)
     np.savez(data, images=frames(scenes, foreign, p.reference, p.size, REFERENCE), labels=labels)
     spec = f"npz:{data}"
-    overrides: dict[str, Any] = {"data_size": p.size}
+    overrides: dict[str, Any] = {"data_size": p.size, **dict(p.settings)}
     if p.steps:
         overrides |= {"epochs": 1, "steps_per_epoch": p.steps}
     cfg = make_config(p.recipe, seed=0, **overrides)
@@ -737,6 +750,13 @@ def main() -> None:
     ap.add_argument("--normal", type=int, help="normal test frames per camera")
     ap.add_argument("--faulty", type=int, help="frames per camera per fault and severity")
     ap.add_argument("--steps", type=int, help="optimiser steps of the fit, for smoke runs")
+    ap.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a training option over the recipe (TrainConfig; VALUE as JSON, else a string), "
+        "e.g. --set augmentations=geometric",
+    )
     ap.add_argument("--faults", nargs="+", help="only these faults (names as in the table)")
     ap.add_argument("--sheet", type=Path, help="write a PNG of every fault's frames and stop")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/camera.json"))

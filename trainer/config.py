@@ -41,6 +41,11 @@ class TrainConfig(BaseModel):
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.15, 0.4)
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    # The photometric augmentations of the positive views (trainer.augment): "dino" (colour
+    # jitter, grayscale, Gaussian blur, solarize, as DINO) teaches the encoder to ignore blur,
+    # exposure and colour; "geometric" keeps crops and flips only, so those changes stay
+    # visible to the learned features (a monitor must see them). Negatives use the same ones.
+    augmentations: Literal["dino", "geometric"] = "dino"
 
     # Head and loss.
     out_dim: int = Field(4096, ge=2)

@@ -139,6 +139,10 @@ def cpu_has_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and probe is not None and probe())
 
 
+# `augmentations="geometric"`: every photometric op of the multi-crop off.
+GEOMETRIC_ONLY: dict[str, Any] = dict(
+    jitter_p=0.0, gray_p=0.0, blur_p=(0.0, 0.0, 0.0), solarize_p=0.0
+)
 # bf16 must be at least this much faster than fp32, measured, for `auto` to choose it.
 BF16_MIN_SPEEDUP = 1.1
 # Training steps timed per precision by `auto` on a CPU (after one warm-up step each).
@@ -219,6 +223,7 @@ class Trainer:
                 global_scale=cfg.global_scale,
                 local_scale=cfg.local_scale,
                 blur_sigma=cfg.blur_sigma,
+                **(GEOMETRIC_ONLY if cfg.augmentations == "geometric" else {}),
             ),
             mean,
             std,

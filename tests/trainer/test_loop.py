@@ -329,3 +329,12 @@ def test_the_precision_probe_leaves_the_networks_and_the_loss_centre_untouched()
     for key, value in tr.teacher.state_dict().items():
         assert torch.equal(value, teacher_before[key]), key
     assert torch.equal(tr.loss.center, centre)
+
+
+def test_geometric_augmentations_switch_every_photometric_op_off() -> None:
+    dino = _trainer(_config()).crops.cfg
+    geometric = _trainer(_config(augmentations="geometric")).crops.cfg
+    assert dino.jitter_p > 0 and dino.blur_p[0] > 0
+    assert (geometric.jitter_p, geometric.gray_p, geometric.solarize_p) == (0.0, 0.0, 0.0)
+    assert geometric.blur_p == (0.0, 0.0, 0.0)
+    assert (geometric.global_scale, geometric.flip_p) == (dino.global_scale, dino.flip_p)
