@@ -31,6 +31,11 @@ class SourceOpt(StrEnum):
     aux = "aux"
 
 
+class AugmentationsOpt(StrEnum):
+    dino = "dino"
+    geometric = "geometric"
+
+
 def _progress_printer(quiet: bool):  # type: ignore[no-untyped-def]
     """A rich progress bar fed by the trainer's per-step callback."""
     if quiet:
@@ -97,6 +102,13 @@ def fit(
         SourceOpt | None,
         typer.Option(help="Negatives from in-distribution (id), auxiliary (aux) images or both"),
     ] = None,
+    augmentations: Annotated[
+        AugmentationsOpt | None,
+        typer.Option(
+            help="Photometric augmentations of the views: dino, or geometric (crops and flips "
+            "only: blur, exposure and colour stay visible to the encoder)"
+        ),
+    ] = None,
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
     steps_per_epoch: Annotated[
         int | None,
@@ -137,6 +149,7 @@ def fit(
         backbone=backbone,
         negatives=negatives.value if negatives else None,
         neg_source=neg_source.value if neg_source else None,
+        augmentations=augmentations.value if augmentations else None,
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         batch_size=batch_size,
