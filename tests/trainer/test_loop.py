@@ -338,3 +338,16 @@ def test_geometric_augmentations_switch_every_photometric_op_off() -> None:
     assert (geometric.jitter_p, geometric.gray_p, geometric.solarize_p) == (0.0, 0.0, 0.0)
     assert geometric.blur_p == (0.0, 0.0, 0.0)
     assert (geometric.global_scale, geometric.flip_p) == (dino.global_scale, dino.flip_p)
+
+
+def test_steps_by_size_give_the_run_its_length_at_each_input_size() -> None:
+    default = make_config("default")
+    assert default.with_sizes(28).with_steps(52_000).steps_per_epoch == 800  # 1,600 in all
+    assert default.with_sizes(32).with_steps(500).steps_per_epoch == 800  # whatever the data
+    assert default.model_copy(update={"data_size": 64}).with_sizes(64).total_steps_at(64) == 800
+    assert default.total_steps_at(128) == 200  # beyond the table: by area
+    # --steps-per-epoch wins over the table.
+    assert (
+        make_config("default", steps_per_epoch=5).with_sizes(28).with_steps(100).steps_per_epoch
+        == 5
+    )
