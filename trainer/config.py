@@ -45,6 +45,8 @@ class TrainConfig(BaseModel):
     # jitter, grayscale, Gaussian blur, solarize, as DINO) teaches the encoder to ignore blur,
     # exposure and colour; "geometric" keeps crops and flips only, so those changes stay
     # visible to the learned features (a monitor must see them). Negatives use the same ones.
+    # Measured on the camera benchmark's validation frames (quick, 64 px): geometric gained
+    # nothing (SDNS 0.922 vs 0.921, the combined default 0.996 vs 0.998), so dino stays.
     augmentations: Literal["dino", "geometric"] = "dino"
 
     # Head and loss.
