@@ -17,7 +17,8 @@ import torch
 
 from sdns_monitor.networks import BackboneConfig
 from trainer.config import make_config
-from trainer.loop import Trainer, cpu_has_bf16
+from trainer.loop import Trainer
+from trainer.precision import cpu_has_bf16
 
 
 def time_steps(

@@ -8,8 +8,6 @@ rank) at every epoch, so a resumed run repeats the loss curve of an uninterrupte
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import os
 import time
@@ -31,6 +29,7 @@ from trainer.augment import CropConfig, MultiCrop
 from trainer.config import TrainConfig
 from trainer.head import Encoder, build_pair, ema_update
 from trainer.losses import SdnsLoss
+from trainer.precision import autocast, choose_precision
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -126,27 +125,10 @@ class Schedules:
         self.freeze_steps = cfg.freeze_last_layer * steps_per_epoch
 
 
-def _autocast(device: torch.device, use_bf16: bool) -> contextlib.AbstractContextManager[Any]:
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX); without it bf16
-    is emulated and slower than fp32."""
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(torch.backends.mkldnn.is_available() and probe is not None and probe())
-
-
 # `augmentations="geometric"`: every photometric op of the multi-crop off.
 GEOMETRIC_ONLY: dict[str, Any] = dict(
     jitter_p=0.0, gray_p=0.0, blur_p=(0.0, 0.0, 0.0), solarize_p=0.0
 )
-# bf16 must be at least this much faster than fp32, measured, for `auto` to choose it.
-BF16_MIN_SPEEDUP = 1.1
-# Training steps timed per precision by `auto` on a CPU (after one warm-up step each).
-PRECISION_PROBE_STEPS = 2
 
 
 def _to_float(images: Tensor, device: torch.device) -> Tensor:
@@ -230,59 +212,7 @@ class Trainer:
         )
         self.history = History()
         self.start_epoch = 0
-        self.bf16 = False
-        self.precision = self._choose_precision()
-
-    # ----------------------------------------------------------------- precision
-    def _choose_precision(self) -> dict[str, Any]:
-        """Set `self.bf16` from `precision`; `auto`: bf16 autocast on a GPU, and on a CPU when
-        bf16 runs natively and a timed training step is at least BF16_MIN_SPEEDUP faster than
-        fp32 (measured on copies of the networks, so training is unchanged). Returns what the
-        manifest records."""
-        cfg, device = self.cfg, self.device
-        if cfg.precision != "auto":
-            self.bf16 = cfg.precision == "bf16"
-            return {"chosen": cfg.precision, "method": "set by the recipe or --precision"}
-        if device.type == "cuda":
-            self.bf16 = True
-            return {"chosen": "bf16", "method": "auto: bf16 autocast on a GPU"}
-        if not cpu_has_bf16():
-            return {"chosen": "fp32", "method": "auto: this CPU has no native bf16 (oneDNN)"}
-        seconds = {p: self._time_step(p == "bf16") for p in ("fp32", "bf16")}
-        choice = torch.tensor([seconds["fp32"] >= BF16_MIN_SPEEDUP * seconds["bf16"]])
-        if dist.is_initialized():
-            dist.broadcast(choice, src=0)  # every process trains in rank 0's precision
-        self.bf16 = bool(choice.item())
-        return {
-            "chosen": "bf16" if self.bf16 else "fp32",
-            "method": f"auto: bf16 when a timed step is >= {BF16_MIN_SPEEDUP}x faster",
-            "seconds_per_step": seconds,
-        }
-
-    def _time_step(self, bf16: bool) -> float:
-        """Seconds of one forward and backward pass of a training batch, on copies of the
-        networks (the best of PRECISION_PROBE_STEPS after a warm-up)."""
-        student, teacher = copy.deepcopy(self.student_module), copy.deepcopy(self.teacher)
-        loss_fn = copy.deepcopy(self.loss)  # its centre moves on every call
-        gen = torch.Generator(self.device).manual_seed(self.cfg.seed)
-        n = min(self.cfg.batch_size // self.info.world_size, self.images.shape[0])
-        x = _to_float(self.images[:n], self.device)
-        a = None if self.aux is None else _to_float(self.aux[:n], self.device)
-        crops, n_pos, n_neg = self._views(x, a, gen)
-        n_sources = 0 if n_neg == 0 else n_neg // (1 + self.cfg.n_local)
-        best = math.inf
-        for i in range(PRECISION_PROBE_STEPS + 1):
-            t0 = time.perf_counter()
-            with _autocast(self.device, bf16):
-                with torch.no_grad():
-                    teacher_out = teacher(crops[:2])
-                pos, neg = self._split(student(crops), n_pos, n_sources)
-                parts = loss_fn(pos, teacher_out, neg, self.cfg.teacher_temp)
-            parts.total.backward()
-            student.zero_grad(set_to_none=True)
-            if i:
-                best = min(best, time.perf_counter() - t0)
-        return best
+        self.bf16, self.precision = choose_precision(self)
 
     # ----------------------------------------------------------------- checkpoints
     def _checkpoint_path(self) -> Path | None:
@@ -407,7 +337,7 @@ class Trainer:
                 group["weight_decay"] = float(sched.wd[step])
         crops, n_pos, n_neg = self._views(x, a, gen)
         n_sources = 0 if n_neg == 0 else n_neg // (1 + self.cfg.n_local)
-        with _autocast(self.device, self.bf16):
+        with autocast(self.device, self.bf16):
             with torch.no_grad():
                 teacher_out = self.teacher(crops[:2])
             student_out = self.student(crops)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import trainer.loop as loop
+import trainer.precision as precision
 from sdns_monitor.errors import ConfigError, DataError, SdnsError
 from sdns_monitor.networks import BackboneConfig
 from trainer.config import TrainConfig, make_config
@@ -292,7 +293,7 @@ def test_without_steps_per_epoch_an_epoch_is_one_pass_and_the_recorded_config_sa
 def test_auto_precision_is_fp32_without_native_bf16_and_set_precisions_are_kept(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
     auto = _trainer(_config())
     assert (auto.bf16, auto.precision["chosen"]) == (False, "fp32")
     assert "no native bf16" in auto.precision["method"]
@@ -303,18 +304,18 @@ def test_auto_precision_is_fp32_without_native_bf16_and_set_precisions_are_kept(
 def test_auto_precision_times_both_on_copies_and_picks_the_faster(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
     timed: list[bool] = []
 
-    def fake_time(self: Trainer, bf16: bool) -> float:
+    def fake_time(trainer: Trainer, bf16: bool) -> float:
         timed.append(bf16)
         return 0.5 if bf16 else 1.0
 
-    monkeypatch.setattr(Trainer, "_time_step", fake_time)
+    monkeypatch.setattr(precision, "time_step", fake_time)
     tr = _trainer(_config())
     assert timed == [False, True]
     assert tr.bf16 and tr.precision["seconds_per_step"] == {"fp32": 1.0, "bf16": 0.5}
-    monkeypatch.setattr(Trainer, "_time_step", lambda self, bf16: 1.0)  # no gain: fp32
+    monkeypatch.setattr(precision, "time_step", lambda trainer, bf16: 1.0)  # no gain: fp32
     assert not _trainer(_config()).bf16
 
 
@@ -323,7 +324,7 @@ def test_the_precision_probe_leaves_the_networks_and_the_loss_centre_untouched()
     before = {k: v.clone() for k, v in tr.student_module.state_dict().items()}
     teacher_before = {k: v.clone() for k, v in tr.teacher.state_dict().items()}
     centre = tr.loss.center.clone()
-    assert tr._time_step(False) > 0
+    assert precision.time_step(tr, False) > 0
     for key, value in tr.student_module.state_dict().items():
         assert torch.equal(value, before[key]), key
     for key, value in tr.teacher.state_dict().items():
