@@ -31,11 +31,11 @@ from sdns_monitor.index import ReferenceIndex, approximation_quality
 from sdns_monitor.lowlevel import (
     DEFAULT_K,
     STATISTICS_K,
+    LowLevelScorer,
     image_statistics,
     lowlevel_features,
     pooled_side,
     statistics_names,
-    statistics_score,
 )
 from sdns_monitor.scoring import combined_score
 from trainer.config import TrainConfig
@@ -338,24 +338,33 @@ def build_lowlevel(
     stats_mean = stats_bank.mean(0)
     stats_std = stats_bank.std(0).clamp_min(1e-3)
     bank = torch.cat([pixels_bank, stats_bank], dim=1).numpy()
-    k = min(DEFAULT_K, len(bank))
-    t = cfg.score_temperature
-    pixels = ReferenceIndex(pixels_bank.numpy(), "Flat", device)
-    id_images, ood_images = validation.images, validation.shifted
+    # The spec with every part and unit moments: the shipped scorer gives the validation
+    # scores, so they are computed exactly as `run` will compute them.
+    draft = LowLevelSpec(
+        side=side,
+        temperature=cfg.score_temperature,
+        k=min(DEFAULT_K, len(bank)),
+        n_reference=len(bank),
+        sdns_mean=0.0,
+        sdns_std=1.0,
+        low_mean=0.0,
+        low_std=1.0,
+        statistics=StatisticsSpec(
+            names=statistics_names(train_images.shape[-1]),
+            mean=stats_mean.tolist(),
+            std=stats_std.tolist(),
+            k=STATISTICS_K,
+            score_mean=0.0,
+            score_std=1.0,
+        ),
+        parts=["pixels", "statistics"],
+    )
+    scorer = LowLevelScorer(draft, bank, device)
+    id_parts = scorer.part_scores(validation.images)
+    ood_parts = scorer.part_scores(validation.shifted)
     scores: dict[str, tuple[np.ndarray, np.ndarray]] = {
         "sdns": sdns_val,
-        "pixels": (
-            pixels.kernel_scores(lowlevel_features(id_images, side), k, t),
-            pixels.kernel_scores(lowlevel_features(ood_images, side), k, t),
-        ),
-        "statistics": (
-            statistics_score(
-                image_statistics(id_images), stats_bank, stats_mean, stats_std, STATISTICS_K
-            ),
-            statistics_score(
-                image_statistics(ood_images), stats_bank, stats_mean, stats_std, STATISTICS_K
-            ),
-        ),
+        **{part: (id_parts[part], ood_parts[part]) for part in id_parts},
     }
     moments = {
         name: (float(ids.mean()), float(max(ids.std(), 1e-6))) for name, (ids, _) in scores.items()
@@ -377,37 +386,30 @@ def build_lowlevel(
             per_family, sdns_per_family, [f for f in families if f != family]
         )
         without[family] = "+".join(parts) if dflt == "combined" else "sdns"
-    names = statistics_names(train_images.shape[-1])
-    spec = LowLevelSpec(
-        side=side,
-        temperature=t,
-        k=k,
-        n_reference=len(bank),
-        sdns_mean=moments["sdns"][0],
-        sdns_std=moments["sdns"][1],
-        low_mean=moments["pixels"][0],
-        low_std=moments["pixels"][1],
-        statistics=StatisticsSpec(
-            names=names,
-            mean=stats_mean.tolist(),
-            std=stats_std.tolist(),
-            k=STATISTICS_K,
-            score_mean=moments["statistics"][0],
-            score_std=moments["statistics"][1],
-        ),
-        parts=list(best),
-        validation={
-            "auroc_sdns": float(np.mean(list(sdns_per_family.values()))),
-            "auroc_low": mean_auroc(*scores["pixels"], families),
-            "auroc_statistics": mean_auroc(*scores["statistics"], families),
-            "auroc_combined": by_parts[best],
-            "auroc_by_parts": {"+".join(c): by_parts[c] for c in CANDIDATES},
-            "by_family": {"sdns": sdns_per_family, "combined": per_family[best]},
-            "default": default,
-            "without_family": without,
-            "method": "validation images vs the same images under shifts (other than the "
-            "training negatives) and synthetic camera degradations, mean AUROC over families; "
-            f"a part or the combined score is kept when it gains >= {PART_GAIN}",
-        },
+    assert draft.statistics is not None
+    spec = draft.model_copy(
+        update=dict(
+            sdns_mean=moments["sdns"][0],
+            sdns_std=moments["sdns"][1],
+            low_mean=moments["pixels"][0],
+            low_std=moments["pixels"][1],
+            statistics=draft.statistics.model_copy(
+                update=dict(score_mean=moments["statistics"][0], score_std=moments["statistics"][1])
+            ),
+            parts=list(best),
+            validation={
+                "auroc_sdns": float(np.mean(list(sdns_per_family.values()))),
+                "auroc_low": mean_auroc(*scores["pixels"], families),
+                "auroc_statistics": mean_auroc(*scores["statistics"], families),
+                "auroc_combined": by_parts[best],
+                "auroc_by_parts": {"+".join(c): by_parts[c] for c in CANDIDATES},
+                "by_family": {"sdns": sdns_per_family, "combined": per_family[best]},
+                "default": default,
+                "without_family": without,
+                "method": "validation images vs the same images under shifts (other than the "
+                "training negatives) and synthetic camera degradations, mean AUROC over families; "
+                f"a part or the combined score is kept when it gains >= {PART_GAIN}",
+            },
+        )
     )
     return spec, bank
